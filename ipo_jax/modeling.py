@@ -1,0 +1,286 @@
+"""The decoder family as pure functions over a params pytree.
+
+Params layout (layers stacked on a leading axis and run with `lax.scan`, so a 30-layer model compiles one layer):
+
+  embed [V, D]; final_norm [D]; lm_head [V, D] (untied only)
+  layers: attn_norm [L, D]; q [L, D, H*Dh]; k, v [L, D, Hkv*Dh]; o [L, H*Dh, D];
+          mlp_norm [L, D]; gate, up [L, D, F]; down [L, F, D]
+          optional: q_bias, k_bias, v_bias, o_bias; q_norm, k_norm [L, Dh]; attn_post_norm, mlp_post_norm [L, D]
+
+Norm weights keep the Hugging Face convention (Gemma's are applied as 1 + w). `forward` returns the final hidden
+states; `lm_head` turns chosen positions into logits, optionally for a few vocabulary rows only.
+
+A KV cache (`init_cache`) holds `S` slots per row. A call writes its `T` new tokens at slots
+[length, length + T); a query attends to valid slots at or before its own slot. Positions come from the attention
+mask (left or right padding), continuing from each row's `next_pos`, so a left-padded prefix followed by a
+left-padded continuation is attended exactly as the unpadded concatenation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from ipo_jax.config import SLIDING, ModelConfig, RopeSpec
+from ipo_jax.sharding import BATCH, constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+_NEG = -1e30
+_NO_WINDOW = np.iinfo(np.int32).max
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> np.ndarray:
+  """Inverse frequencies with `linear` or `llama3` scaling, as in transformers' rope init functions."""
+  inv = 1.0 / (spec.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if spec.rope_type == "linear":
+    inv = inv / spec.factor
+  elif spec.rope_type == "llama3":
+    low_wavelen = spec.original_max_position_embeddings / spec.low_freq_factor
+    high_wavelen = spec.original_max_position_embeddings / spec.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / spec.factor, inv)
+    smooth = (spec.original_max_position_embeddings / wavelen - spec.low_freq_factor) / (
+        spec.high_freq_factor - spec.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def _rope_tables(spec: RopeSpec, head_dim: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  angles = positions[..., None].astype(jnp.float32) * rope_inv_freq(spec, head_dim)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, H, Dh]; cos/sin [B, T, Dh] (rotate-half convention of HF)."""
+  half = x.shape[-1] // 2
+  xf = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+  return jax.nn.silu(x) if cfg.hidden_act == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def positions_from_mask(attention_mask: jax.Array, start: jax.Array | None = None) -> jax.Array:
+  """Position of each token: the number of real tokens before it (plus each row's `start`)."""
+  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+  if start is not None:
+    pos = pos + start[:, None]
+  return jnp.maximum(pos, 0)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "valid": jnp.zeros((batch, max_len), bool),
+      "pos": jnp.zeros((batch, max_len), jnp.int32),
+      "next_pos": jnp.zeros((batch,), jnp.int32),
+      "length": jnp.zeros((), jnp.int32),
+  }
+
+
+def _attention(cfg: ModelConfig, q, k, v, mask):
+  """q [B,T,H,Dh]; k, v [B,S,Hkv,Dh]; mask [B,T,S] -> [B,T,H*Dh]."""
+  b, t, h, dh = q.shape
+  groups = h // cfg.num_kv_heads
+  q = q.reshape(b, t, cfg.num_kv_heads, groups, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.attn_scale
+  if cfg.attn_softcap:
+    scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+  scores = jnp.where(mask[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.astype(v.dtype).reshape(b, t, h * dh)
+
+
+def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, cache_kv):
+  """One decoder layer; returns the new hidden state and this layer's (k, v) as stored."""
+  b, t, _ = h.shape
+  x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  q = jnp.einsum("btd,de->bte", x, p["q"])
+  k = jnp.einsum("btd,de->bte", x, p["k"])
+  v = jnp.einsum("btd,de->bte", x, p["v"])
+  if cfg.qkv_bias:
+    q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+  q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+  k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  (cos_f, sin_f), (cos_s, sin_s) = rope
+  cos, sin = jnp.where(is_sliding, cos_s, cos_f), jnp.where(is_sliding, sin_s, sin_f)
+  q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+  q = constrain(q, P(BATCH, None, "tensor", None))
+  if cache_kv is not None:
+    ck, cv, start = cache_kv
+    k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
+    v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
+  attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window))
+  attn = jnp.einsum("bte,ed->btd", attn, p["o"])
+  if cfg.o_bias:
+    attn = attn + p["o_bias"]
+  if cfg.post_norms:
+    attn = rms_norm(attn, p["attn_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  h = h + attn
+  x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  gate = jnp.einsum("btd,df->btf", x, p["gate"])
+  up = jnp.einsum("btd,df->btf", x, p["up"])
+  mlp = constrain(_activation(cfg, gate) * up, P(BATCH, None, "tensor"))
+  mlp = jnp.einsum("btf,fd->btd", mlp, p["down"])
+  if cfg.post_norms:
+    mlp = rms_norm(mlp, p["mlp_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  h = constrain(h + mlp, P(BATCH, None, None))
+  return h, (k, v)
+
+
+def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
+  h = jnp.take(params["embed"], input_ids, axis=0)
+  if cfg.embed_scale != 1.0:
+    h = h * jnp.asarray(cfg.embed_scale, h.dtype)
+  return constrain(h, P(BATCH, None, None))
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    cache: Cache | None = None,
+    *,
+    remat: bool = False,
+) -> tuple[jax.Array, Cache | None]:
+  """Final hidden states [B, T, D] (after the final norm) and the updated cache (None without one)."""
+  b, t = input_ids.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), jnp.int32)
+  mask = attention_mask.astype(bool)
+  q_slot = jnp.arange(t, dtype=jnp.int32)
+  if cache is None:
+    positions = positions_from_mask(attention_mask)
+    kv_valid, kv_pos, kv_slot = mask, positions, q_slot
+  else:
+    start = cache["length"]
+    positions = positions_from_mask(attention_mask, cache["next_pos"])
+    q_slot = q_slot + start
+    kv_valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, start))
+    kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, start))
+    kv_slot = jnp.arange(kv_valid.shape[1], dtype=jnp.int32)
+  causal = kv_valid[:, None, :] & (kv_slot[None, None, :] <= q_slot[None, :, None])
+  distance = positions[:, :, None] - kv_pos[:, None, :]
+
+  def kv_mask(window):
+    return causal & (distance < window)
+
+  rope = (_rope_tables(cfg.rope_full, cfg.head_dim, positions),
+          _rope_tables(cfg.rope_sliding, cfg.head_dim, positions))
+  is_sliding = np.array([lt == SLIDING for lt in cfg.layer_types])
+  windows = np.where(is_sliding, cfg.sliding_window or _NO_WINDOW, _NO_WINDOW).astype(np.int32)
+
+  def body(h, xs):
+    if cache is None:
+      p, window, sliding = xs
+      cache_kv = None
+    else:
+      p, window, sliding, ck, cv = xs
+      cache_kv = (ck, cv, cache["length"])
+    h, kv = _layer(cfg, h, p, window, sliding, rope, kv_mask, cache_kv)
+    return h, (kv if cache is not None else None)
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  h = embed(params, cfg, input_ids)
+  xs = (params["layers"], windows, is_sliding)
+  if cache is not None:
+    xs = xs + (cache["k"], cache["v"])
+  h, kv = jax.lax.scan(body, h, xs)
+  h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  if cache is None:
+    return h, None
+  new_cache = {
+      "k": kv[0], "v": kv[1], "valid": kv_valid, "pos": kv_pos,
+      "next_pos": cache["next_pos"] + attention_mask.astype(jnp.int32).sum(-1),
+      "length": cache["length"] + t,
+  }
+  return h, new_cache
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
+  """Logits (fp32) for `hidden` [..., D] over the whole vocabulary, or only the rows `vocab_ids` [K]."""
+  w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+  if vocab_ids is not None:
+    w = jnp.take(w, jnp.asarray(vocab_ids), axis=0)
+  logits = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+  if cfg.final_softcap:
+    logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+  return logits
+
+
+def last_token_hidden(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """The hidden state of each row's last real token (works for left and right padding)."""
+  t = attention_mask.shape[1]
+  idx = t - 1 - jnp.argmax(attention_mask[:, ::-1].astype(jnp.int32), axis=1)
+  return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def full_logits(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """[B, T, V] logits at every position: for parity checks and small inputs only."""
+  hidden, _ = forward(params, cfg, input_ids, attention_mask)
+  return lm_head(params, cfg, hidden)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  """Shapes of every parameter, in the layout above."""
+  d, f, l, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.head_dim
+  qd, kvd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  layers = {
+      "attn_norm": (l, d), "q": (l, d, qd), "k": (l, d, kvd), "v": (l, d, kvd), "o": (l, qd, d),
+      "mlp_norm": (l, d), "gate": (l, d, f), "up": (l, d, f), "down": (l, f, d),
+  }
+  if cfg.qkv_bias:
+    layers.update(q_bias=(l, qd), k_bias=(l, kvd), v_bias=(l, kvd))
+  if cfg.o_bias:
+    layers.update(o_bias=(l, d))
+  if cfg.qk_norm:
+    layers.update(q_norm=(l, hd), k_norm=(l, hd))
+  if cfg.post_norms:
+    layers.update(attn_post_norm=(l, d), mlp_post_norm=(l, d))
+  shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,), "layers": layers}
+  if not cfg.tie_embeddings:
+    shapes["lm_head"] = (cfg.vocab_size, d)
+  return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, scale: float = 0.02) -> Params:
+  """Random parameters (normal(0, scale) matrices, norms at their identity) for toy models in tests."""
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, shape), k in zip(leaves, keys):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name.endswith("norm"):
+      out.append(jnp.full(shape, 1.0 - cfg.norm_offset, dtype))
+    else:
+      out.append((scale * jax.random.normal(k, shape)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)

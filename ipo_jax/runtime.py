@@ -1,0 +1,59 @@
+"""Process-level set-up shared by every task: multi-host initialisation, the mesh, the model, logging."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from ipo_jax import sharding
+
+_INITIALIZED = False
+
+
+def maybe_initialize_distributed(config: Any) -> None:
+  """`jax.distributed.initialize` when `config.distributed` asks for it (or `$IPO_JAX_DISTRIBUTED=1`).
+
+  `config.distributed` is a ConfigDict with `coordinator_address`, `num_processes`, `process_id` (empty/-1 means
+  auto-detect, as on TPU pods and SLURM/Open MPI GPU clusters) and `enabled`.
+  """
+  global _INITIALIZED
+  dist = config.get("distributed") if hasattr(config, "get") else None
+  enabled = bool(dist and dist.get("enabled")) or os.environ.get("IPO_JAX_DISTRIBUTED") == "1"
+  if not enabled or _INITIALIZED:
+    return
+  if dist and dist.get("cpu_collectives"):
+    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+  kwargs = {}
+  if dist:
+    if dist.get("coordinator_address"):
+      kwargs["coordinator_address"] = dist.coordinator_address
+    if dist.get("num_processes", -1) > 0:
+      kwargs["num_processes"] = dist.num_processes
+    if dist.get("process_id", -1) >= 0:
+      kwargs["process_id"] = dist.process_id
+  jax.distributed.initialize(**kwargs)
+  _INITIALIZED = True
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def log(*args: Any) -> None:
+  """Prints on process 0 only."""
+  if is_main_process():
+    print(*args, flush=True)
+
+
+def mesh_from_config(config: Any) -> jax.sharding.Mesh:
+  shape = config.get("mesh", {}).get("shape") if hasattr(config, "get") else None
+  return sharding.make_mesh(dict(shape) if shape else None)
+
+
+def load_model_from_config(config: Any, mesh: jax.sharding.Mesh | None = None):
+  """Loads `config.model` (path, dtype) onto `mesh` (default: from `config.mesh`)."""
+  from ipo_jax.loading import load_model
+  mesh = mesh or mesh_from_config(config)
+  return load_model(config.model.path, dtype=config.model.get("dtype", "float32"), mesh=mesh)
