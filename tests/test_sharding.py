@@ -1,0 +1,59 @@
+"""Partition rules, and logits on an 8-device (data × fsdp × tensor) CPU mesh equal to one device."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ipo_jax import loading, modeling, sharding
+from ipo_jax.config import ModelConfig
+from tests import hf_checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_worker(args, devices, extra_env=None):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT,
+             **(extra_env or {}))
+  return subprocess.Popen([sys.executable, "-m", "tests.multidevice_worker", *args], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_rules_shard_every_parameter_kind():
+  mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.AXES)
+  cfg = ModelConfig(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, post_norms=True, qkv_bias=True)
+  shapes = modeling.param_shapes(cfg)
+  specs = {sharding.path_str(p): sharding.spec_for(sharding.path_str(p), s, mesh) for p, s in
+           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
+  assert specs["embed"] == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert specs["layers/q"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert specs["layers/o"] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+  assert specs["layers/down"] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+  assert specs["layers/q_bias"] == jax.sharding.PartitionSpec(None, "tensor")
+  assert specs["layers/attn_norm"] == jax.sharding.PartitionSpec(None, None)
+  # A dimension the axis does not divide stays whole: 3 heads × 8 = 24 is not divisible by fsdp=4... but 32 is.
+  assert sharding.spec_for("layers/k", (2, 30, 16), mesh) == jax.sharding.PartitionSpec(None, None, "tensor")
+
+
+def test_make_mesh_errors():
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    sharding.make_mesh({"model": 1})
+  with pytest.raises(ValueError, match="needs 4 devices"):
+    sharding.make_mesh({"fsdp": 4})
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
+def test_eight_devices_equal_one(tmp_path, family):
+  hf_checkpoints.make_checkpoint(family, str(tmp_path / "ckpt"),
+                                 overrides={"num_attention_heads": 4, "num_key_value_heads": 2})
+  one = run_worker([str(tmp_path / "ckpt"), str(tmp_path / "one.npy"), "1,1,1"], devices=1)
+  eight = run_worker([str(tmp_path / "ckpt"), str(tmp_path / "eight.npy"), "2,2,2"], devices=8)
+  for proc in (one, eight):
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+  assert "'data': 2, 'fsdp': 2, 'tensor': 2" in out and "q P(None, 'fsdp', 'tensor')" in out
+  np.testing.assert_allclose(np.load(tmp_path / "eight.npy"), np.load(tmp_path / "one.npy"), atol=1e-5, rtol=0)
