@@ -116,8 +116,22 @@ def require_fields(rows: Iterable[dict[str, Any]], fields: Iterable[str], source
   return kept, skipped
 
 
+def _drop_torn_tail(path: str | os.PathLike) -> None:
+  """Cuts an unfinished last line (an interrupted write) so the next append starts on a fresh line."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b"\n":
+      return
+    f.seek(0)
+    data = f.read()
+    f.truncate(data.rfind(b"\n") + 1)
+
+
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
   """Appends rows and flushes them to disk, so finished work survives an interruption."""
+  _drop_torn_tail(path)
   with open(path, "a", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
