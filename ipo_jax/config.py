@@ -96,6 +96,10 @@ class ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     gemma = model_type.startswith("gemma")
+    if getattr(hf, "mlp_bias", False):
+      raise ValueError(f"{model_type}: mlp_bias=True is not supported")
+    if getattr(hf, "partial_rotary_factor", 1.0) not in (None, 1.0):
+      raise ValueError(f"{model_type}: partial_rotary_factor != 1 is not supported")
     num_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
     num_layers = hf.num_hidden_layers
