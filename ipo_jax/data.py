@@ -116,8 +116,8 @@ def require_fields(rows: Iterable[dict[str, Any]], fields: Iterable[str], source
   return kept, skipped
 
 
-def _drop_torn_tail(path: str | os.PathLike) -> None:
-  """Cuts an unfinished last line (an interrupted write) so the next append starts on a fresh line."""
+def drop_torn_tail(path: str | os.PathLike) -> None:
+  """Cuts an unfinished last line (an interrupted write) off a results file, so appending continues cleanly."""
   if not os.path.exists(path) or os.path.getsize(path) == 0:
     return
   with open(path, "rb+") as f:
@@ -131,7 +131,7 @@ def _drop_torn_tail(path: str | os.PathLike) -> None:
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
   """Appends rows and flushes them to disk, so finished work survives an interruption."""
-  _drop_torn_tail(path)
+  drop_torn_tail(path)
   with open(path, "a", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -162,3 +162,4 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1, ensure_ascii=False)
   os.replace(tmp, path)
+
