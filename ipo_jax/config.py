@@ -71,6 +71,7 @@ class ModelConfig:
   rope_full: RopeSpec = RopeSpec()
   rope_sliding: RopeSpec = RopeSpec()
   tie_embeddings: bool = False
+  num_labels: int = 0  # > 0: a sequence-classification model (a `score` head [num_labels, D], no LM head)
   max_position_embeddings: int = 8192
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -131,6 +132,7 @@ class ModelConfig:
     eos = hf.eos_token_id
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     attention_bias = bool(getattr(hf, "attention_bias", False))
+    classifier = any(a.endswith("ForSequenceClassification") for a in (getattr(hf, "architectures", None) or []))
     return cls(
         model_type=model_type,
         vocab_size=hf.vocab_size,
@@ -155,7 +157,8 @@ class ModelConfig:
         layer_types=layer_types,
         rope_full=rope_full,
         rope_sliding=rope_sliding,
-        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)) and not classifier,
+        num_labels=int(hf.num_labels) if classifier else 0,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 8192)),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=eos,

@@ -215,6 +215,8 @@ def hf_weight_names(cfg: ModelConfig, prefix: str = "model.") -> dict[str, tuple
   names = {"embed": (f"{prefix}embed_tokens.weight", False), "final_norm": (f"{prefix}norm.weight", False)}
   if "lm_head" in shapes:
     names["lm_head"] = ("lm_head.weight", False)
+  if "score" in shapes:
+    names["score"] = ("score.weight", False)
   for key in shapes["layers"]:
     hf, transposed = layer[key]
     names[f"layers/{key}"] = (f"{prefix}layers.{{i}}.{hf}", transposed)
@@ -287,16 +289,22 @@ class Model:
   name: str
   dtype: Any = jnp.float32
 
-  @functools.cached_property
-  def _logits_fn(self):
-    shardings = sharding.param_shardings(self.params, self.mesh)
+  def _jit(self, fn: Callable, out_ndim: int) -> Callable:
+    """`fn(params, ids, mask)` jitted with explicit shardings: params as loaded, the batch over (data, fsdp)."""
     batch = sharding.batch_sharding(self.mesh)
-    fn = functools.partial(modeling.full_logits.__wrapped__, cfg=self.config)
-    return jax.jit(lambda p, ids, mask: fn(p, input_ids=ids, attention_mask=mask),
-                   in_shardings=(shardings, batch, batch), out_shardings=sharding.batch_sharding(self.mesh, 3))
+    return jax.jit(fn, in_shardings=(sharding.param_shardings(self.params, self.mesh), batch, batch),
+                   out_shardings=sharding.batch_sharding(self.mesh, out_ndim))
 
-  def logits(self, input_ids: Any, attention_mask: Any | None = None) -> jax.Array:
-    """fp32 logits [batch, seq, vocab] at every position (numpy in; rows are padded to the mesh and cut back)."""
+  @functools.cached_property
+  def _logits_fn(self) -> Callable:
+    return self._jit(lambda p, ids, mask: modeling.full_logits(p, self.config, ids, mask), 3)
+
+  @functools.cached_property
+  def _scores_fn(self) -> Callable:
+    return self._jit(lambda p, ids, mask: modeling.classifier_scores(p, self.config, ids, mask), 2)
+
+  def _call(self, fn: Callable, input_ids: Any, attention_mask: Any | None) -> jax.Array:
+    """Runs `fn` on a host batch: rows are padded to a multiple of the mesh's batch split and cut back."""
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     b = ids.shape[0]
@@ -305,8 +313,20 @@ class Model:
       ids, mask = np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0)))
     batch = sharding.batch_sharding(self.mesh)
     with jax.set_mesh(self.mesh):
-      out = self._logits_fn(self.params, sharding.to_global(ids, batch), sharding.to_global(mask, batch))
+      out = fn(self.params, sharding.to_global(ids, batch), sharding.to_global(mask, batch))
     return out[:b] if pad else out
+
+  def logits(self, input_ids: Any, attention_mask: Any | None = None) -> jax.Array:
+    """fp32 logits [batch, seq, vocab] at every position (numpy in)."""
+    if self.config.num_labels:
+      raise ValueError(f"{self.name} is a sequence classifier (no LM head); use .scores()")
+    return self._call(self._logits_fn, input_ids, attention_mask)
+
+  def scores(self, input_ids: Any, attention_mask: Any | None = None) -> jax.Array:
+    """Sequence-classification scores [batch, num_labels] at each row's last real token (reward models)."""
+    if not self.config.num_labels:
+      raise ValueError(f"{self.name} has no classification head (`score`); it is a causal LM")
+    return self._call(self._scores_fn, input_ids, attention_mask)
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -2,7 +2,7 @@
 
 Params layout (layers stacked on a leading axis and run with `lax.scan`, so a 30-layer model compiles one layer):
 
-  embed [V, D]; final_norm [D]; lm_head [V, D] (untied only)
+  embed [V, D]; final_norm [D]; lm_head [V, D] (untied only); score [num_labels, D] (classifiers only)
   layers: attn_norm [L, D]; q [L, D, H*Dh]; k, v [L, D, Hkv*Dh]; o [L, H*Dh, D];
           mlp_norm [L, D]; gate, up [L, D, F]; down [L, F, D]
           optional: q_bias, k_bias, v_bias, o_bias; q_norm, k_norm [L, Dh]; attn_post_norm, mlp_post_norm [L, D]
@@ -243,6 +243,13 @@ def last_token_hidden(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array
   return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
 
 
+def classifier_scores(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """Sequence-classification scores [B, num_labels] from each row's last real token (reward models)."""
+  hidden, _ = forward(params, cfg, input_ids, attention_mask)
+  last = last_token_hidden(hidden, attention_mask)
+  return jnp.einsum("bd,ld->bl", last, params["score"], preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def full_logits(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
   """[B, T, V] logits at every position: for parity checks and small inputs only."""
@@ -267,7 +274,9 @@ def param_shapes(cfg: ModelConfig) -> Params:
   if cfg.post_norms:
     layers.update(attn_post_norm=(l, d), mlp_post_norm=(l, d))
   shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,), "layers": layers}
-  if not cfg.tie_embeddings:
+  if cfg.num_labels:
+    shapes["score"] = (cfg.num_labels, d)
+  elif not cfg.tie_embeddings:
     shapes["lm_head"] = (cfg.vocab_size, d)
   return shapes
 

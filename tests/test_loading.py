@@ -109,3 +109,22 @@ def test_gemma3_270m_gguf_matches_transformers(tmp_path_factory):
   ref = hf_checkpoints.hf_logits(_hf_gguf(path), ids, np.ones_like(ids))
   ours = np.asarray(model.logits(ids))
   np.testing.assert_array_less(np.abs(ours - ref).max(), 2e-4 * max(1.0, np.abs(ref).max() / 30))
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "qwen2", "gemma2"])
+def test_sequence_classifier_scores_match_transformers(tmp_path, family):
+  config_cls, _, extra = hf_checkpoints.FAMILIES[family]
+  config = config_cls(**{**hf_checkpoints.COMMON, **extra, "num_labels": 1, "pad_token_id": 0})
+  torch.manual_seed(0)
+  cls = getattr(transformers, config_cls.__name__.replace("Config", "ForSequenceClassification")
+                .replace("TextForSequence", "ForSequence"))
+  cls(config).save_pretrained(str(tmp_path))
+  hf = cls.from_pretrained(str(tmp_path), dtype=torch.float32, attn_implementation="eager").eval()
+  model = loading.load_model(str(tmp_path))
+  assert model.config.num_labels == 1 and "score" in model.params and "lm_head" not in model.params
+  ids, mask = hf_checkpoints.padded_batch(config.vocab_size, [12, 7, 3], 12, left=False)
+  with torch.no_grad():  # HF pools the last non-pad token of right-padded rows
+    ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model.scores(ids, mask)), ref, atol=TOL)
+  with pytest.raises(ValueError, match="sequence classifier"):
+    model.logits(ids, mask)
