@@ -24,7 +24,7 @@ setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
 demo: setup
-	$(PY) -m ipo_jax.main --config configs/model_info.py
+	$(PY) -m ipo_jax.main --config configs/rewardbench.py:demo
 
 test: setup-dev
 	$(PY) -m pytest
