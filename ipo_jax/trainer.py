@@ -334,15 +334,25 @@ def _checksum(params: Any) -> float:
 
 
 def _reference(steps: Steps, state: dict[str, Any], frozen: Any, s: Settings, sets: dict[str, Any],
-               config: Any, mesh: jax.sharding.Mesh, pad_id: int) -> dict[str, np.ndarray]:
-  """Reference log-probs [N, 2] of each set, loaded from the output directory when the cache matches."""
-  if s.lora is not None:
+               config: Any, mesh: jax.sharding.Mesh, pad_id: int, reference_params: Any = None
+               ) -> dict[str, np.ndarray]:
+  """Reference log-probs [N, 2] of each set, loaded from the output directory when the cache matches.
+
+  The reference is `reference_params` when given (e.g. an earlier policy), else the initial policy.
+  """
+  if reference_params is not None:
+    weights = reference_params
+    fn = (functools.partial(steps.base_logps, reference_params) if s.lora is not None
+          else functools.partial(steps.policy_logps, reference_params, None))
+  elif s.lora is not None:
+    weights = frozen
     fn = functools.partial(steps.base_logps, frozen)
   else:  # the initial policy: the trainable params before any step, or the frozen copy kept for on-the-fly
-    fn = functools.partial(steps.policy_logps, frozen if frozen is not None else state["params"], None)
+    weights = frozen if frozen is not None else state["params"]
+    fn = functools.partial(steps.policy_logps, weights, None)
   data = config.data
   key = json.dumps({name: pset.fingerprint() for name, pset in sets.items()} | {
-      "weights": _checksum(frozen if frozen is not None else state["params"]), "dtype": s.compute_dtype,
+      "weights": _checksum(weights), "dtype": s.compute_dtype,
       "lora": s.lora is not None, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length})
   path = os.path.join(config.output_dir, REFERENCE_FILE) if config.get("output_dir") else None
   if path and os.path.exists(path):
@@ -422,8 +432,12 @@ def _check_batching(config: Any, num_pairs: int, mesh: jax.sharding.Mesh) -> tup
   return micro, per_epoch, int(t.max_steps) or int(t.epochs) * per_epoch
 
 
-def train_dpo(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None) -> tuple[modeling.Params, dict]:
+def train_dpo(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None,
+              reference_params: Any = None) -> tuple[modeling.Params, dict]:
   """Trains `model` with DPO on `pairs`; returns the final policy params (LoRA merged, fp32) and a summary.
+
+  The reference is `model` itself unless `reference_params` (same architecture and mesh, e.g. the initial policy of
+  a multi-round run) is given; that needs the precomputed reference.
 
   `config` is a configs/dpo.py ConfigDict (sections data, dpo, lora, optim, train, eval, checkpoint, log, plus
   output_dir and seed). With an `output_dir`, the run writes metrics, checkpoints and curves there and resumes
@@ -432,6 +446,8 @@ def train_dpo(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None) ->
   cfg: ModelConfig = model.config
   mesh = getattr(model, "mesh", None) or runtime.mesh_from_config(config)
   s = Settings.from_config(config)
+  if reference_params is not None and s.reference != "precomputed":
+    raise ValueError("reference_params needs dpo.reference='precomputed'")
   data, t = config.data, config.train
   tokenizer = getattr(model, "tokenizer", None)
   train_set = _as_set(pairs, tokenizer, data, "train pairs")
@@ -464,7 +480,7 @@ def train_dpo(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None) ->
   if s.reference == "precomputed":
     sets = {"train": train_set, **sets}
   t0 = time.time()
-  ref = _reference(steps, state, frozen, s, sets, config, mesh, pad_id) if sets else {}
+  ref = _reference(steps, state, frozen, s, sets, config, mesh, pad_id, reference_params) if sets else {}
   reference_s = time.time() - t0
 
   ckpt, start = None, 0

@@ -117,6 +117,23 @@ def test_metrics_tensorboard_curves_and_reference_are_written(trained):
     assert np.all(ref["train"] < 0)
 
 
+def test_reference_params_replace_the_initial_policy(trained, tmp_path):
+  pairs = synthetic_pairs(64, seed=0)
+  other = trainer.train_dpo(_toy_model(), pairs, train_config(str(tmp_path / "a"), 1),
+                            reference_params=trained.params)
+  own = types.SimpleNamespace(**{**vars(_toy_model()), "params": trained.params})
+  trainer.train_dpo(own, pairs, train_config(str(tmp_path / "b"), 1))
+  with np.load(tmp_path / "a" / trainer.REFERENCE_FILE) as a, np.load(tmp_path / "b" / trainer.REFERENCE_FILE) as b, \
+       np.load(os.path.join(trained.out, trainer.REFERENCE_FILE)) as initial:
+    np.testing.assert_allclose(a["train"], b["train"], atol=1e-6)
+    assert np.abs(a["train"] - initial["train"]).max() > 0.1
+  assert other[1]["step"] == 1
+  config = train_config(str(tmp_path / "c"), 1)
+  config.dpo.reference = "on_the_fly"
+  with pytest.raises(ValueError, match="reference_params needs dpo.reference='precomputed'"):
+    trainer.train_dpo(_toy_model(), pairs, config, reference_params=trained.params)
+
+
 def test_stop_and_resume_equals_uninterrupted(trained, tmp_path):
   out = str(tmp_path / "resumed")
   interrupted = train_config(out, STEPS)
