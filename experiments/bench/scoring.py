@@ -1,0 +1,201 @@
+"""RewardBench scoring throughput: the paper's PyTorch procedure, tuned PyTorch, and ipo_jax, on the same pairs.
+
+  python experiments/bench/scoring.py                          # 2 pairs per subset (46 pairs, 92 sequences)
+  python experiments/bench/scoring.py --per-subset 1 --model embedded
+
+  (a) paper:  transformers fp32 on CPU, one sequence at a time, logits at every position (as the authors' code).
+  (b) tuned:  transformers fp32, sequences sorted by length, left-padded batches, `logits_to_keep=1`.
+  (c) ipo_jax: `ipo_jax.scoring` (length buckets chosen from the data, shared prefixes, two LM-head rows).
+
+All three read the same token ids (paper layout, the authors' prompts, right truncation at 1024) and compute
+P(Yes); each runs in its own process (so its peak RSS is its own). "Useful" FLOPs are the same number for all
+three: the forward pass over every real token with causal attention, plus the LM head at the one scored
+position; ipo_jax is timed including its compilations (first pass) and again warm (second pass). The GEMM peak is
+the best fp32 matmul rate of torch and XLA measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _sequences(tokenizer, per_subset: int, max_length: int) -> tuple[list[list[int]], list[str]]:
+  """Token ids of every (chosen, rejected) of the slice, laid out exactly as the paper's code does."""
+  from ipo_jax import prompts, rewardbench, scoring
+  pairs = rewardbench.load_pairs({"path": "shared:reward_bench/reward_bench_filtered.jsonl.gz",
+                                  "max_per_subset": per_subset})
+  paper = prompts.load_prompts("shared:ipo/rewardbench_prompts.json")
+  layout = scoring.make_layout(scoring.Settings())
+  examples = [(paper.instruction(p["subset"]), p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
+  encoded = scoring.encode_examples(tokenizer, layout, examples, max_length, truncation="paper")
+  return [ids for ids, _ in encoded], [p["subset"] for p in pairs]
+
+
+def _useful_flops(cfg, seqs) -> float:
+  from ipo_jax import scoring
+  n = np.array([len(s) for s in seqs])
+  return float(scoring.flops(cfg, n, (n + 1) / 2).sum() + scoring.head_flops(cfg) * len(n))
+
+
+def _answers(tokenizer) -> tuple[int, int]:
+  from ipo_jax import scoring
+  return scoring.answer_ids(tokenizer, scoring.make_layout(scoring.Settings()))
+
+
+def run_hf(args, tuned: bool) -> dict:
+  import torch
+  import transformers
+  from ipo_jax import loading, tokenizer as tokenizer_lib
+  from ipo_jax.config import ModelConfig
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  path = loading.resolve_model_path(args.model)
+  kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
+  directory = os.path.dirname(path) if path.endswith(".gguf") else path
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+  tokenizer = tokenizer_lib.load_tokenizer(path)
+  seqs, _ = _sequences(tokenizer, args.per_subset, args.max_length)
+  yes, no = _answers(tokenizer)
+  p_yes = np.zeros(len(seqs))
+  start = time.perf_counter()
+  with torch.no_grad():
+    if not tuned:
+      for i, ids in enumerate(seqs):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # the model computes logits at every position
+        probs = torch.softmax(logits.double(), -1)
+        p_yes[i] = float(probs[yes] / (probs[yes] + probs[no]))
+    else:
+      batches, current = [], []
+      for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])):
+        if current and (len(current) + 1) * len(seqs[i]) > args.batch_tokens:
+          batches.append(current)
+          current = []
+        current.append(i)
+      for idx in batches + [current]:
+        width = len(seqs[idx[-1]])
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id or 0)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+          ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i])
+          mask[r, width - len(seqs[i]):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        pair = logits[:, [yes, no]].double()
+        p_yes[idx] = torch.sigmoid(pair[:, 0] - pair[:, 1]).numpy()
+  seconds = time.perf_counter() - start
+  cfg = ModelConfig.from_hf(model.config)
+  return {"pairs": len(seqs) // 2, "seconds": seconds, "useful_flops": _useful_flops(cfg, seqs),
+          "p_yes": p_yes.tolist(), "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
+
+
+def run_jax(args) -> dict:
+  from ipo_jax import loading, scoring
+  model = loading.load_model(args.model)
+  seqs, _ = _sequences(model.tokenizer, args.per_subset, args.max_length)
+  pairs = [(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(seqs) // 2)]
+  settings = scoring.Settings(batch_tokens=args.batch_tokens, max_programs=args.max_programs,
+                              shared_prefix=not args.no_shared_prefix, progress=False)
+  out = {}
+  for name in ("cold", "warm"):
+    scorer = scoring.Scorer(model, settings)
+    compiled = scoring.num_compilations()
+    values = np.zeros((len(seqs), 2))
+    start = time.perf_counter()
+    for idx, v in scorer.score_pairs(pairs):
+      values[idx] = v
+    seconds = time.perf_counter() - start
+    out[name] = {"seconds": seconds, "compilations": scoring.num_compilations() - compiled, **scorer.stats,
+                 **scoring.flop_rate(scorer.stats, seconds)}
+  plan = scorer.last_plan
+  return {"pairs": len(pairs), "seconds": out["cold"]["seconds"], "warm_seconds": out["warm"]["seconds"],
+          "useful_flops": out["cold"]["useful_flops"], "executed_flops": out["cold"]["executed_flops"],
+          "padding": out["cold"]["padding"], "compilations": out["cold"]["compilations"],
+          "plan": {"prefix": plan.prefix, "buckets": list(plan.buckets), "rows": list(plan.rows)},
+          "p_yes": scoring.sigmoid(values[:, 0]).tolist(), "peak_rss_gb": _peak_rss_gb()}
+
+
+def gemm_peak(n: int = 2048, repeats: int = 5) -> dict:
+  """Best fp32 GEMM GFLOP/s of torch and XLA on this machine right now."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  out = {}
+  a = torch.randn(n, n)
+  a @ a
+  start = time.perf_counter()
+  for _ in range(repeats):
+    a @ a
+  out["torch"] = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(x).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    f(x).block_until_ready()
+  out["xla"] = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="embedded")
+  parser.add_argument("--per-subset", type=int, default=2)
+  parser.add_argument("--max-length", type=int, default=1024)
+  parser.add_argument("--batch-tokens", type=int, default=8192)
+  parser.add_argument("--max-programs", type=int, default=8)
+  parser.add_argument("--no-shared-prefix", action="store_true")
+  parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+  parser.add_argument("--only", choices=["paper", "tuned", "jax"], help=argparse.SUPPRESS)  # one child process
+  args = parser.parse_args()
+  if args.only:
+    result = run_jax(args) if args.only == "jax" else run_hf(args, tuned=args.only == "tuned")
+    print("RESULT " + json.dumps(result))
+    return
+
+  peak = gemm_peak()
+  results = {}
+  for name in ("paper", "tuned", "jax"):
+    cmd = [sys.executable, os.path.abspath(__file__), "--only", name] + sys.argv[1:]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+      sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    results[name] = json.loads(lines[-1][len("RESULT "):])
+  best_peak = max(peak.values())
+  print(f"GEMM peak (fp32, 2048^3): torch {peak['torch']:.0f} GFLOP/s, XLA {peak['xla']:.0f} GFLOP/s")
+  a, b, c = results["paper"], results["tuned"], results["jax"]
+  print(f"{a['pairs']} pairs ({args.per_subset} per subset), model {args.model}\n")
+  print(f"{'':26}{'pairs/s':>9}{'useful GFLOP/s':>16}{'% of peak':>11}{'peak RSS GB':>13}")
+  rows = [("(a) paper, HF torch", a["seconds"], a), ("(b) tuned HF torch", b["seconds"], b),
+          ("(c) ipo_jax (cold)", c["seconds"], c), ("(c) ipo_jax (warm)", c["warm_seconds"], c)]
+  for label, seconds, r in rows:
+    useful = r["useful_flops"] / seconds / 1e9
+    print(f"{label:26}{r['pairs'] / seconds:9.3f}{useful:16.1f}{100 * useful / best_peak:10.0f}%"
+          f"{r['peak_rss_gb']:13.2f}")
+  print(f"\nspeed-up of (c) cold / warm: {a['seconds'] / c['seconds']:.2f}x / {a['seconds'] / c['warm_seconds']:.2f}x "
+        f"over (a), {b['seconds'] / c['seconds']:.2f}x / {b['seconds'] / c['warm_seconds']:.2f}x over (b); "
+        f"(b) over (a): {a['seconds'] / b['seconds']:.2f}x")
+  print(f"(c): {c['compilations']} XLA compilations, plan {c['plan']}, padding {100 * c['padding']:.0f}% of "
+        f"processed tokens, executed {c['executed_flops'] / c['warm_seconds'] / 1e9:.1f} GFLOP/s warm "
+        f"({c['executed_flops'] / c['useful_flops']:.2f}x the useful FLOPs)")
+  diff = np.abs(np.array(a["p_yes"]) - np.array(c["p_yes"])).max()
+  print(f"max |P(Yes) (a) - (c)| = {diff:.2e}; (b) - (a) = "
+        f"{np.abs(np.array(a['p_yes']) - np.array(b['p_yes'])).max():.2e}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,370 @@
+"""The IPO scorer: layouts, answer tokens, truncation, buckets, shared prefixes, and parity with HF PyTorch."""
+
+import dataclasses
+import functools
+import gzip
+import itertools
+import json
+import os
+import string
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ipo_jax import data, loading, modeling, prompts, scoring, sharding
+from ipo_jax import tokenizer as tokenizer_lib
+from ipo_jax.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def smollm_tokenizer():
+  return tokenizer_lib.load_tokenizer(loading.embedded_model_path())
+
+
+def sentencepiece_like_tokenizer():
+  """Characters plus '▁', 'Yes', 'No' under a Metaspace pre-tokenizer: ' Yes' becomes '▁' + 'Yes'."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("▁", -2.0), ("Yes", -1.0), ("No", -1.0)]
+  pieces += [(c, -5.0) for c in string.printable if c != " "]
+  tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+  tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+  return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                 pad_token="</s>")
+
+
+TOY_CONFIG = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=True, max_position_embeddings=2048)
+
+
+def toy_model(mesh=None, tokenizer=None):
+  """A 2-layer random model over SmolLM2's vocabulary, with its tokenizer."""
+  cfg = TOY_CONFIG
+  mesh = mesh or sharding.make_mesh()
+  params = modeling.init_params(cfg, jax.random.key(0), scale=0.3)
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  return loading.Model(config=cfg, params=params, tokenizer=tokenizer or smollm_tokenizer(), mesh=mesh,
+                       hf_config=None, name="toy")
+
+
+@functools.lru_cache(maxsize=None)
+def rewardbench_rows():
+  path = data.shared_data_path("reward_bench/reward_bench_filtered.jsonl.gz")
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def short_rows(count, max_chars=700, stride=7):
+  rows = [r for r in rewardbench_rows()[::stride]
+          if len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) < max_chars]
+  return rows[:count]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layouts and answer tokens.
+
+
+def test_paper_layout_is_the_authors_text():
+  layout = scoring.make_layout(scoring.Settings())
+  text = layout.render(None, "Q?", "2 + {response}", "4")
+  assert text == "Q?\n    User : 2 + {response}\n    Response : 4\n    "  # placeholders in values stay
+  assert (layout.yes, layout.no, layout.add_special_tokens) == (" Yes", " No", True)
+
+
+def test_chat_layout_is_one_user_turn_with_the_generation_prompt():
+  tok = smollm_tokenizer()
+  layout = scoring.make_layout(scoring.Settings(layout="chat"), tok)
+  text = layout.render(tok, "Q?", "P", "R")
+  assert text.endswith("<|im_start|>user\nQ?\n    User : P\n    Response : R<|im_end|>\n<|im_start|>assistant\n")
+  assert (layout.yes, layout.no, layout.add_special_tokens) == ("Yes", "No", False)
+  with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+    scoring.make_layout(scoring.Settings(layout="chat"), sentencepiece_like_tokenizer())
+
+
+def test_template_layout():
+  layout = scoring.make_layout(scoring.Settings(layout="template", template="[{instruction}] {prompt} => {response}:"))
+  assert layout.fill("I", "P", "R") == "[I] P => R:"
+  with pytest.raises(ValueError, match=r"must contain \{response\}"):
+    scoring.make_layout(scoring.Settings(layout="template", template="{instruction} {prompt}"))
+  with pytest.raises(ValueError, match="needs scoring.template"):
+    scoring.Settings(layout="template")
+  with pytest.raises(ValueError, match="scoring.truncation must be one of"):
+    scoring.Settings(truncation="left")
+
+
+def test_answers_are_single_tokens_in_context():
+  tok = smollm_tokenizer()
+  paper = scoring.answer_ids(tok, scoring.make_layout(scoring.Settings()))
+  assert paper == tuple(tok.convert_tokens_to_ids(["ĠYes", "ĠNo"]))
+  chat = scoring.answer_ids(tok, scoring.make_layout(scoring.Settings(layout="chat"), tok))
+  assert chat == tuple(tok.convert_tokens_to_ids(["Yes", "No"]))
+  with pytest.raises(ValueError, match="are the same token"):
+    scoring.answer_ids(tok, scoring.make_layout(scoring.Settings(yes=" Yes", no=" Yes")))
+
+
+def test_split_answer_token_is_a_clear_error():
+  tok = sentencepiece_like_tokenizer()
+  layout = scoring.make_layout(scoring.Settings())
+  with pytest.raises(ValueError) as err:
+    scoring.answer_ids(tok, layout)
+  message = str(err.value)
+  assert "' Yes' is not exactly one token" in message and "['▁', 'Yes']" in message
+  assert "SentencePiece" in message and "scoring.yes" in message
+  fixed = scoring.make_layout(scoring.Settings(yes="Yes", no="No"))  # the remedy the message suggests
+  assert scoring.answer_ids(tok, fixed) == tuple(tok.convert_tokens_to_ids(["Yes", "No"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Truncation.
+
+
+def test_truncation_cuts_the_response_then_the_prompt_never_the_question():
+  tok = smollm_tokenizer()
+  layout = scoring.make_layout(scoring.Settings())
+  instruction = "Is the response correct? Answer Yes or No."
+  prompt = " ".join(f"question{i}" for i in range(20))
+  response = " ".join(f"answer{i}" for i in range(200))
+  (ids, cut), = scoring.encode_examples(tok, layout, [(instruction, prompt, response)], 120)
+  text = tok.decode(ids)
+  assert cut and 110 <= len(ids) <= 120
+  assert text.startswith(instruction + "\n    User : " + prompt + "\n    Response : answer0 answer1")
+  assert text.endswith("\n    ") and "answer199" not in text
+  (ids, cut), = scoring.encode_examples(tok, layout, [(instruction, prompt, response)], 60)
+  text = tok.decode(ids)
+  assert cut and len(ids) <= 60
+  assert text.startswith(instruction + "\n    User : question0") and "question19" not in text
+  assert text.endswith("\n    Response : \n    ")
+  (ids, cut), = scoring.encode_examples(tok, layout, [(instruction, "short", "fits")], 60)
+  assert not cut and tok.decode(ids) == layout.fill(instruction, "short", "fits")
+  with pytest.raises(ValueError, match="the instruction and the paper layout alone take"):
+    scoring.encode_examples(tok, layout, [(instruction, prompt, response)], 8)
+
+
+def test_paper_truncation_cuts_on_the_right():
+  tok = smollm_tokenizer()
+  layout = scoring.make_layout(scoring.Settings())
+  example = ("Q?", "p " * 50, "r " * 200)
+  full = tok(layout.fill(*example))["input_ids"]
+  (ids, cut), = scoring.encode_examples(tok, layout, [example], 100, truncation="paper")
+  assert cut and ids == full[:100]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Buckets and plans.
+
+
+def test_choose_buckets_is_optimal():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 300, size=60)
+  cost = lambda b: b * (1 + 0.01 * b)
+  partial = lambda b: 3.0 * b
+  values = np.unique(-(-lengths // 16) * 16)
+  for count in (1, 2, 3, 4):
+    got = scoring.choose_buckets(lengths, count, 16, cost, partial)
+    total = lambda bs: sum(cost(min(b for b in bs if b >= x)) for x in lengths) + sum(partial(b) for b in bs)
+    best = min((c for k in range(1, count + 1) for c in itertools.combinations(values, k) if c[-1] == values[-1]),
+               key=total)
+    assert len(got) <= count and total(got) == pytest.approx(total(best))
+
+
+def test_plan_stays_within_the_program_budget():
+  cfg = TOY_CONFIG
+  rng = np.random.default_rng(1)
+  lengths = rng.integers(20, 1000, size=(500, 2))
+  shared = rng.integers(0, 200, size=500)
+  for programs in (2, 4, 8):
+    settings = scoring.Settings(max_programs=programs)
+    plain = scoring.plan(cfg, lengths, None, settings)
+    assert plain.prefix == 0 and len(plain.buckets) <= programs and plain.buckets[-1] >= lengths.max()
+    shared_plan = scoring.plan(cfg, lengths, shared, scoring.Settings(max_programs=programs, prefix_length=64))
+    assert shared_plan.prefix == 64 and len(shared_plan.buckets) + 1 <= programs
+  fixed = scoring.plan(cfg, lengths, None, scoring.Settings(buckets=(512, 1024)))
+  assert fixed.buckets == (512, 1024)
+  with pytest.raises(ValueError, match="do not hold sequences"):
+    scoring.plan(cfg, lengths, None, scoring.Settings(buckets=(256,)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared prefixes, compilations, ensembles (toy model).
+
+
+@pytest.fixture(scope="module")
+def toy():
+  return toy_model()
+
+
+def _results(scorer, rows, prompt_set):
+  out = [r for chunk in scoring.score_rewardbench_pairs(scorer, rows, prompt_set) for r in chunk]
+  return {(r["subset"], r["id"]): r for r in out}
+
+
+def test_shared_prefix_equals_plain_and_compilations_are_bounded(toy):
+  rows = short_rows(24)
+  ps = prompts.default_prompts()
+  common = dict(max_length=256, batch_tokens=1024, max_programs=3, progress=False)
+  plain = scoring.Scorer(toy, scoring.Settings(shared_prefix=False, **common))
+  shared = scoring.Scorer(toy, scoring.Settings(prefix_length=32, window=8, **common))
+  compiled = [scoring.num_compilations()]
+  a = _results(plain, rows, ps)
+  compiled.append(scoring.num_compilations())
+  b = _results(shared, rows, ps)
+  compiled.append(scoring.num_compilations())
+  assert shared.last_plan.prefix == 32 and plain.last_plan.prefix == 0
+  assert a.keys() == b.keys() == {(r["subset"], r["id"]) for r in rows}
+  for key in a:
+    for field in ("score_chosen", "score_rejected", "yes_no_mass_chosen", "yes_no_mass_rejected"):
+      assert abs(a[key][field] - b[key][field]) <= 1e-5, (key, field)
+    assert a[key]["tokens_chosen"] == b[key]["tokens_chosen"]
+  assert compiled[1] - compiled[0] <= plain.num_programs == len(plain.last_plan.buckets) <= 3
+  assert compiled[2] - compiled[1] <= shared.num_programs == len(shared.last_plan.buckets) + 1 <= 3
+  _results(shared, rows, ps)
+  assert scoring.num_compilations() == compiled[2]  # a second pass compiles nothing
+  assert shared.stats["padded_tokens"] >= shared.stats["tokens"] / 2
+
+
+def test_ensemble_combines_each_candidate(toy):
+  rows = short_rows(4, max_chars=400)
+  instructions = ("Is this response good? Answer Yes or No.", "Is the answer right? Answer Yes or No.")
+  ensemble = prompts.PromptSet({"chat": instructions}, "chat")
+  settings = dict(max_length=256, batch_tokens=1024, max_programs=2, progress=False, shared_prefix=False)
+  mean_prob = _results(scoring.Scorer(toy, scoring.Settings(**settings)), rows, ensemble)
+  mean_lo = _results(scoring.Scorer(toy, scoring.Settings(ensemble="mean_log_odds", **settings)), rows, ensemble)
+  single_scorer = scoring.Scorer(toy, scoring.Settings(**settings))
+  singles = [_results(single_scorer, rows, prompts.PromptSet({"chat": (i,)}, "chat")) for i in instructions]
+  for key, r in mean_prob.items():
+    lo = np.array([[s[key]["log_odds_chosen"], s[key]["log_odds_rejected"]] for s in singles])
+    np.testing.assert_allclose(r["candidates"]["log_odds_chosen"], lo[:, 0], atol=1e-5)
+    np.testing.assert_allclose(r["candidates"]["log_odds_rejected"], lo[:, 1], atol=1e-5)
+    probs = 1 / (1 + np.exp(-lo))
+    assert r["score_chosen"] == pytest.approx(probs[:, 0].mean(), abs=1e-6)
+    assert r["correct"] == (probs[:, 0].mean() > probs[:, 1].mean())
+    assert mean_lo[key]["score_chosen"] == pytest.approx(1 / (1 + np.exp(-lo[:, 0].mean())), abs=1e-6)
+    assert mean_lo[key]["correct"] == (lo[:, 0].mean() > lo[:, 1].mean())
+
+
+def test_combine():
+  lo = np.array([[2.0, -1.0], [0.0, 0.0]])
+  prob, key = scoring.combine(lo, "mean_prob")
+  np.testing.assert_allclose(prob, [(scoring.sigmoid(2.0) + scoring.sigmoid(-1.0)) / 2, 0.5])
+  prob, key = scoring.combine(lo, "mean_log_odds")
+  np.testing.assert_allclose(key, [0.5, 0.0])
+  np.testing.assert_allclose(prob, scoring.sigmoid(np.array([0.5, 0.0])))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with Hugging Face PyTorch.
+
+
+def _hf_p_yes(hf_model, ids_list, yes, no):
+  """P(Yes) the paper's way: full-vocabulary softmax at the last position, renormalised over Yes and No."""
+  import torch
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # one sequence at a time: a second thread only adds contention on a busy CPU
+  out = []
+  try:
+    for ids in ids_list:
+      with torch.no_grad():
+        logits = hf_model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+      probs = torch.softmax(logits, -1)
+      out.append((float(probs[yes] / (probs[yes] + probs[no])), float(probs[yes] + probs[no])))
+  finally:
+    torch.set_num_threads(threads)
+  return np.array(out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # biases; softcaps, sliding windows, post-norms
+def test_token_scores_match_hf_for_each_family(tmp_path, family):
+  from tests import hf_checkpoints
+  hf_model = hf_checkpoints.make_checkpoint(family, str(tmp_path))
+  model = loading.load_model(str(tmp_path))
+  rng = np.random.default_rng(0)
+  pairs = []
+  for n in range(6):  # pairs sharing 5..30 leading tokens, continuations of different lengths
+    prefix = rng.integers(3, 96, size=5 * n + 5).tolist()
+    pairs.append((prefix + rng.integers(3, 96, size=2 + 3 * n).tolist(), prefix + rng.integers(3, 96, size=9).tolist()))
+  yes, no = 7, 11
+  expected = _hf_p_yes(hf_model, [s for p in pairs for s in p], yes, no)
+  common = dict(max_length=128, length_multiple=8, progress=False)
+  for settings in (scoring.Settings(shared_prefix=False, max_programs=2, **common),
+                   scoring.Settings(prefix_length=8, window=4, max_programs=2, **common)):
+    scorer = scoring.Scorer(model, settings, answers=(yes, no))
+    values = np.zeros((2 * len(pairs), 2))
+    for idx, out in scorer.score_pairs(pairs):
+      values[idx] = out
+    np.testing.assert_allclose(scoring.sigmoid(values[:, 0]), expected[:, 0], atol=1e-5)
+    np.testing.assert_allclose(np.exp(values[:, 1]), expected[:, 1], rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def smollm():
+  return loading.load_model("embedded")
+
+
+@pytest.mark.slow
+def test_paper_scorer_matches_hf_pytorch_on_rewardbench_rows(smollm):
+  """The embedded SmolLM2 in JAX against transformers' GGUF loader in torch fp32, paper layout and prompts."""
+  import torch
+  from transformers import AutoModelForCausalLM
+  path = loading.embedded_model_path()
+  hf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                  dtype=torch.float32).eval()
+  paper_prompts = prompts.load_prompts("shared:ipo/rewardbench_prompts.json")
+  rows = short_rows(6, max_chars=900, stride=331)
+  assert len({r["subset"] for r in rows}) >= 4
+  settings = scoring.Settings(truncation="paper", max_programs=2, progress=False)
+  got = _results(scoring.Scorer(smollm, settings), rows, paper_prompts)
+  tok = smollm.tokenizer
+  yes, no = tok.encode(" Yes", add_special_tokens=False), tok.encode(" No", add_special_tokens=False)
+  assert len(yes) == len(no) == 1
+  texts = [f"{paper_prompts.instruction(r['subset'])}\n    User : {r['prompt']}\n    Response : {r[side]}\n    "
+           for r in rows for side in ("chosen", "rejected")]
+  expected = _hf_p_yes(hf_model, [tok.encode(t)[:1024] for t in texts], yes[0], no[0])
+  for i, r in enumerate(rows):
+    g = got[(r["subset"], r["id"])]
+    assert abs(g["score_chosen"] - expected[2 * i, 0]) <= 1e-4
+    assert abs(g["score_rejected"] - expected[2 * i + 1, 0]) <= 1e-4
+    assert g["yes_no_mass_chosen"] == pytest.approx(expected[2 * i, 1], rel=1e-3)
+    assert g["correct"] == (expected[2 * i, 0] > expected[2 * i + 1, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batch split over (data, fsdp) on 8 emulated devices.
+
+
+def _id_scores(mesh, shared_prefix):
+  """Log-odds of random id pairs (sharing 6..30 leading tokens) on a small vocabulary, on `mesh`."""
+  cfg = dataclasses.replace(TOY_CONFIG, vocab_size=128)
+  params = modeling.init_params(cfg, jax.random.key(1), scale=0.3)
+  model = loading.Model(config=cfg, params=jax.device_put(params, sharding.param_shardings(params, mesh)),
+                        tokenizer=None, mesh=mesh, hf_config=None, name="toy")
+  rng = np.random.default_rng(2)
+  pairs = []
+  for n in range(12):
+    prefix = rng.integers(1, 128, size=6 + 2 * n).tolist()
+    pairs.append((prefix + rng.integers(1, 128, size=3 + n).tolist(), prefix + rng.integers(1, 128, size=5).tolist()))
+  settings = scoring.Settings(max_length=128, length_multiple=8, batch_tokens=128, max_programs=3, window=8,
+                              shared_prefix=shared_prefix, prefix_length=8 if shared_prefix else 0, progress=False)
+  values = np.zeros((2 * len(pairs), 2))
+  for idx, out in scoring.Scorer(model, settings, answers=(5, 9)).score_pairs(pairs):
+    values[idx] = out
+  return values
+
+
+def test_batch_split_over_data_and_fsdp_gives_the_same_scores(tmp_path):
+  out = tmp_path / "scores.npy"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+  subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=ROOT, check=True, timeout=300)
+  split, single = np.load(out), _id_scores(sharding.make_mesh(), shared_prefix=False)
+  np.testing.assert_allclose(scoring.sigmoid(split[:, 0]), scoring.sigmoid(single[:, 0]), atol=1e-5)
+  np.testing.assert_allclose(split[:, 1], single[:, 1], rtol=1e-5)
+
+
+if __name__ == "__main__":  # the 8-device side of the test above
+  assert jax.device_count() == 8
+  np.save(sys.argv[1], _id_scores(sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), shared_prefix=True))
