@@ -1,0 +1,85 @@
+"""RewardBench with the self-rewarding judge: the model grades each response on an additive 5-point rubric.
+
+  python -m ipo_jax.main --config configs/rewardbench_self_reward.py:demo \
+      --config.compare_with=runs/demo_rewardbench
+      embedded SmolLM2-135M-Instruct, offline data, 1 pair per subset (23 pairs, 46 judgements of up to 200
+      tokens): about 5 min on a 2-core CPU; report.md puts its table next to the IPO run's (configs/rewardbench.py:demo).
+  python -m ipo_jax.main --config configs/rewardbench_self_reward.py:paper --config.model.path=<gguf or HF dir> \
+      --config.output_dir=runs/rb_self_reward_paper
+      the paper's procedure: its trimmed rubric (shared:ipo/self_reward_judge_prompt.txt) as raw text, right
+      truncation at 2048 tokens, temperature 0.1, 200 new tokens, unparsable judgements scored 0.
+
+Variants (combine with commas): `paper`, `generative` (unparsable judgements score 0.5, as RewardBench's
+generative scoring), `demo` / `local` (small offline slice on the embedded model). No variant: the project's rubric
+in the chat template, truncation that keeps the rubric and the question, unparsable = 0. Rerunning a command
+resumes from scores.jsonl. Ties (equal grades, frequent on a 5-point scale) count as wrong and are reported.
+
+The full filtered split (2985 pairs = 5970 judgements of up to 200 tokens) takes many hours for SmolLM2-135M on a
+2-core CPU; use an accelerator.
+"""
+
+import ml_collections
+
+from ipo_jax import defaults
+
+VARIANTS = ("paper", "generative", "demo", "local")
+
+
+def get_config(arg=None):
+  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+
+  config = ml_collections.ConfigDict()
+  config.task = "rewardbench_self_reward"
+  config.seed = 0
+  config.output_dir = "runs/rewardbench_self_reward"
+  config.compare_with = ""  # comma-separated output dirs of other RewardBench runs, shown side by side in report.md
+
+  # Model and devices.
+  config.model = defaults.model()
+  config.mesh = defaults.mesh()
+  config.distributed = defaults.distributed()
+
+  # Pairs (as configs/rewardbench.py): a local file (or shared:<relative>), a hub id, or empty for
+  # allenai/reward-bench with the offline copy as fallback.
+  config.data = ml_collections.ConfigDict()
+  config.data.path = ""
+  config.data.split = "filtered"  # filtered | raw (hub only)
+  config.data.subsets = ""  # comma-separated subset names; empty: all
+  config.data.max_per_subset = 0  # 0: all
+  config.data.skip_invalid = False
+  config.data.columns = ml_collections.ConfigDict()  # our field -> the file's column, e.g. prompt="question"
+
+  # The judge.
+  config.judge = ml_collections.ConfigDict()
+  config.judge.prompt_file = ""  # a rubric with {instruction} and {response}; empty: the project's own wording
+  config.judge.chat_template = True  # the rubric as one user turn of the chat template; False: raw text
+  config.judge.max_prompt_tokens = 2048
+  config.judge.truncation = "keep_question"  # keep_question: cut the response, then the question | paper: right
+  config.judge.unparsable_score = 0.0  # the grade of a judgement without a score (counted in the summary)
+  config.judge.batch_size = 16  # judgements per compiled batch
+  config.judge.progress = True
+
+  # Decoding of the judgement (the paper: temperature 0.1, at most 200 new tokens).
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.max_new_tokens = 200
+  config.sampling.temperature = 0.1
+  config.sampling.top_k = 0
+  config.sampling.top_p = 1.0
+  config.sampling.min_p = 0.0
+  config.sampling.stop_token_ids = ()
+
+  if "paper" in variants:
+    config.judge.prompt_file = "shared:ipo/self_reward_judge_prompt.txt"
+    config.judge.chat_template = False
+    config.judge.truncation = "paper"
+    config.output_dir = "runs/rewardbench_self_reward_paper"
+  if "generative" in variants:
+    config.judge.unparsable_score = 0.5
+  if "demo" in variants or "local" in variants:
+    config.data.path = "shared:reward_bench/reward_bench_filtered.jsonl.gz"
+    config.data.max_per_subset = 1
+    config.output_dir = config.output_dir.replace("runs/", "runs/demo_")
+  return config

@@ -1,0 +1,132 @@
+"""Generation throughput: ipo_jax's sampler against Hugging Face `generate` (PyTorch fp32, CPU), same model.
+
+  python experiments/bench/generation.py                       # 16 AlpacaEval prompts x 4 samples x 256 tokens
+  python experiments/bench/generation.py --prompts 8 --max-new-tokens 64   # a quicker look
+
+Each implementation runs in its own process (so peak RSS is its own) on the same chat-formatted prompts, all in
+one batch: sampled (temperature 0.7, top-p 0.9, N samples per prompt) and greedy (one sample). Throughput counts
+generated tokens (up to and including the EOS) per second of wall time; for ipo_jax the compilation time (from
+JAX's compile events) is reported apart and left out. Sampled runs draw different tokens in the two libraries, so
+compare tokens/s, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+MODES = {"sampled": dict(temperature=0.7, top_p=0.9), "greedy": dict(temperature=0.0)}
+
+
+def _prompts(tokenizer, count: int) -> list[str]:
+  from ipo_jax import data, generation
+  rows = data.read_records("shared:prompts/alpaca_eval.jsonl")[:count]
+  return [generation.format_prompt(tokenizer, row["instruction"]) for row in rows]
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_jax(args) -> dict:
+  import jax
+  from ipo_jax import generation, loading
+  compile_s = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, secs, **_: compile_s.append(secs) if name.endswith("backend_compile_duration") else None)
+  model = loading.load_model(args.model)
+  prompts = _prompts(model.tokenizer, args.prompts)
+  results = {}
+  for mode, settings in MODES.items():
+    sampling = generation.SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                         num_samples=args.samples if mode == "sampled" else 1, **settings)
+    compile_s.clear()
+    start = time.perf_counter()
+    out = generation.generate(model, prompts, sampling, 0, batch_size=len(prompts), progress=False)
+    seconds = time.perf_counter() - start - sum(compile_s)
+    tokens = sum(len(g.token_ids) for gens in out for g in gens)
+    results[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                     "compile_s": sum(compile_s)}
+  results["compilations"] = generation.num_compilations()
+  results["peak_rss_gb"] = _peak_rss_gb()
+  return results
+
+
+def run_hf(args) -> dict:
+  import torch
+  import transformers
+  from ipo_jax import loading
+  path = loading.resolve_model_path(args.model)
+  kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
+  directory = os.path.dirname(path) if path.endswith(".gguf") else path
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+  tokenizer.padding_side = "left"
+  batch = tokenizer(_prompts(tokenizer, args.prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+  eos = model.generation_config.eos_token_id
+  eos = set(eos if isinstance(eos, list) else [eos])
+  results = {}
+  for mode, settings in MODES.items():
+    n = args.samples if mode == "sampled" else 1
+    extra = dict(do_sample=True, top_k=0, num_return_sequences=n, **settings) if mode == "sampled" else dict(
+        do_sample=False)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+      out = model.generate(**batch, max_new_tokens=args.max_new_tokens, **extra)
+    seconds = time.perf_counter() - start
+    tokens = 0
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+      ends = [i for i, t in enumerate(row) if t in eos]
+      tokens += ends[0] + 1 if ends else len(row)
+    results[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+  results["peak_rss_gb"] = _peak_rss_gb()
+  results["torch_threads"] = torch.get_num_threads()
+  return results
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="embedded")
+  parser.add_argument("--prompts", type=int, default=16)
+  parser.add_argument("--samples", type=int, default=4)
+  parser.add_argument("--max-new-tokens", type=int, default=256)
+  parser.add_argument("--only", choices=("jax", "hf"), help="run one implementation in this process")
+  parser.add_argument("--out", help="also write the results as JSON here")
+  args = parser.parse_args()
+  if args.only:
+    print(json.dumps(run_jax(args) if args.only == "jax" else run_hf(args)))
+    return
+  results = {"settings": {k: v for k, v in vars(args).items() if k not in ("only", "out")}}
+  for impl in ("jax", "hf"):
+    cmd = [sys.executable, os.path.abspath(__file__), "--only", impl] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in results["settings"].items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+      sys.exit(f"{impl} run failed:\n{proc.stderr[-4000:]}")
+    results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+  lines = ["| mode | ipo_jax tok/s | HF tok/s | ratio | ipo_jax tokens / s | HF tokens / s |", "|---|---|---|---|---|---|"]
+  for mode in MODES:
+    j, h = results["jax"][mode], results["hf"][mode]
+    results[f"{mode}_ratio"] = j["tokens_per_s"] / h["tokens_per_s"]
+    lines.append(f"| {mode} | {j['tokens_per_s']:.1f} | {h['tokens_per_s']:.1f} | {results[f'{mode}_ratio']:.2f}x | "
+                 f"{j['tokens']} / {j['seconds']:.1f} | {h['tokens']} / {h['seconds']:.1f} |")
+  lines.append(f"\nipo_jax: {results['jax']['compilations']} compilations "
+               f"(sampled {results['jax']['sampled']['compile_s']:.1f} s, greedy "
+               f"{results['jax']['greedy']['compile_s']:.1f} s), peak RSS {results['jax']['peak_rss_gb']:.2f} GB; "
+               f"HF: peak RSS {results['hf']['peak_rss_gb']:.2f} GB, {results['hf']['torch_threads']} torch threads")
+  print("\n".join(lines))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
