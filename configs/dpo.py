@@ -23,13 +23,7 @@ from ipo_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.task = "dpo"
-  c.model = defaults.model()
-  c.mesh = defaults.mesh()
-  c.distributed = defaults.distributed()
-  c.output_dir = "runs/dpo"
-  c.seed = 0
+  c = defaults.base("dpo", output_dir="runs/dpo")
 
   # Pairs: a hub id or a local .jsonl/.parquet; eval from `eval_path` or a held-out `eval_fraction`.
   c.data = dict(path="", split="train", name="", eval_path="", eval_split="test", eval_fraction=0.05,

@@ -26,20 +26,10 @@ VARIANTS = ("greedy", "local", "mt_bench", "hh_rlhf", "raw")
 
 
 def get_config(arg=None):
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+  variants = defaults.parse_variants(arg, VARIANTS)
 
-  config = ml_collections.ConfigDict()
-  config.task = "generate"
-  config.seed = 0  # row (prompt i, sample s) samples with fold_in(fold_in(key(seed), i), s)
-  config.output_dir = "runs/generate"
-
-  # Model and devices.
-  config.model = defaults.model()
-  config.mesh = defaults.mesh()
-  config.distributed = defaults.distributed()
+  # Row (prompt i, sample s) samples with fold_in(fold_in(key(config.seed), i), s).
+  config = defaults.base("generate", output_dir="runs/generate")
 
   # Instructions: a local .jsonl/.json/.parquet (or shared:<relative> in the offline data) or a hub id.
   config.data = ml_collections.ConfigDict()

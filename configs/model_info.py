@@ -14,15 +14,7 @@ from ipo_jax import defaults
 
 def get_config(arg=None):
   del arg
-  config = ml_collections.ConfigDict()
-  config.task = "model_info"
-  config.seed = 0
-  config.output_dir = ""
-
-  # Model and devices.
-  config.model = defaults.model()
-  config.mesh = defaults.mesh()
-  config.distributed = defaults.distributed()
+  config = defaults.base("model_info")
 
   # What to ask the model.
   config.info = ml_collections.ConfigDict()

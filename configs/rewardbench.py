@@ -27,29 +27,12 @@ VARIANTS = ("paper", "chat", "ensemble", "demo", "local")
 
 
 def get_config(arg=None):
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+  variants = defaults.parse_variants(arg, VARIANTS)
 
-  config = ml_collections.ConfigDict()
-  config.task = "rewardbench"
-  config.seed = 0
-  config.output_dir = "runs/rewardbench"
+  config = defaults.base("rewardbench", output_dir="runs/rewardbench")
 
-  # Model and devices.
-  config.model = defaults.model()
-  config.mesh = defaults.mesh()
-  config.distributed = defaults.distributed()
-
-  # Pairs: a local .jsonl/.jsonl.gz/.json/.parquet (or shared:<relative> in the offline data), a hub id, or empty
-  # for allenai/reward-bench (falling back to the offline copy when the hub cannot be reached).
-  config.data = ml_collections.ConfigDict()
-  config.data.path = ""
-  config.data.split = "filtered"  # filtered | raw (hub only)
-  config.data.subsets = ""  # comma-separated subset names; empty: all
-  config.data.max_per_subset = 0  # 0: all
-  config.data.skip_invalid = False  # skip (and count) rows with missing or empty fields instead of failing
+  # Pairs (see defaults.rewardbench_data).
+  config.data = defaults.rewardbench_data()
   config.data.columns = ml_collections.ConfigDict()  # our field -> the file's column, e.g. prompt="question"
 
   # The classifier.

@@ -26,30 +26,13 @@ VARIANTS = ("paper", "generative", "demo", "local")
 
 
 def get_config(arg=None):
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+  variants = defaults.parse_variants(arg, VARIANTS)
 
-  config = ml_collections.ConfigDict()
-  config.task = "rewardbench_self_reward"
-  config.seed = 0
-  config.output_dir = "runs/rewardbench_self_reward"
+  config = defaults.base("rewardbench_self_reward", output_dir="runs/rewardbench_self_reward")
   config.compare_with = ""  # comma-separated output dirs of other RewardBench runs, shown side by side in report.md
 
-  # Model and devices.
-  config.model = defaults.model()
-  config.mesh = defaults.mesh()
-  config.distributed = defaults.distributed()
-
-  # Pairs (as configs/rewardbench.py): a local file (or shared:<relative>), a hub id, or empty for
-  # allenai/reward-bench with the offline copy as fallback.
-  config.data = ml_collections.ConfigDict()
-  config.data.path = ""
-  config.data.split = "filtered"  # filtered | raw (hub only)
-  config.data.subsets = ""  # comma-separated subset names; empty: all
-  config.data.max_per_subset = 0  # 0: all
-  config.data.skip_invalid = False
+  # Pairs (see defaults.rewardbench_data).
+  config.data = defaults.rewardbench_data()
   config.data.columns = ml_collections.ConfigDict()  # our field -> the file's column, e.g. prompt="question"
 
   # The judge.

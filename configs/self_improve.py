@@ -29,13 +29,7 @@ ARMS_ONLY = ("ipo", "self_reward", "reward_model", "random")  # the labelling ar
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.task = "self_improve"
-  c.model = defaults.model()
-  c.mesh = defaults.mesh()
-  c.distributed = defaults.distributed()
-  c.output_dir = "runs/self_improve"
-  c.seed = 0
+  c = defaults.base("self_improve", output_dir="runs/self_improve")
   c.rounds = 1  # round r + 1 samples, labels and starts from the policy of round r
   c.reference = "previous"  # DPO reference of each round: the policy it starts from
 

@@ -21,3 +21,32 @@ def distributed() -> ml_collections.ConfigDict:
       "enabled": False, "coordinator_address": "", "num_processes": -1, "process_id": -1,
       "cpu_collectives": "",
   })
+
+
+def base(task: str, output_dir: str = "") -> ml_collections.ConfigDict:
+  """The sections every config starts with: task, seed, output_dir, model, mesh, distributed."""
+  return ml_collections.ConfigDict({
+      "task": task, "seed": 0, "output_dir": output_dir,
+      "model": model(), "mesh": mesh(), "distributed": distributed(),
+  })
+
+
+def parse_variants(arg: str | None, valid: tuple[str, ...]) -> list[str]:
+  """`"a,b"` → ["a", "b"]; an unknown variant is an error listing the valid ones."""
+  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
+  unknown = [v for v in variants if v not in valid]
+  if unknown:
+    raise ValueError(f"unknown variant(s) {unknown}; choose from {valid}")
+  return variants
+
+
+def rewardbench_data() -> ml_collections.ConfigDict:
+  """RewardBench pairs: a local .jsonl/.jsonl.gz/.json/.parquet (or shared:<relative> in the offline data), a hub
+  id, or empty for allenai/reward-bench (falling back to the offline copy when the hub cannot be reached)."""
+  return ml_collections.ConfigDict({
+      "path": "",
+      "split": "filtered",  # filtered | raw (hub only)
+      "subsets": "",  # comma-separated subset names; empty: all
+      "max_per_subset": 0,  # 0: all
+      "skip_invalid": False,  # skip (and count) rows with missing or empty fields instead of failing
+  })
