@@ -3,7 +3,8 @@
   python -m ipo_jax.main --config configs/rewardbench_self_reward.py:demo \
       --config.compare_with=runs/demo_rewardbench
       embedded SmolLM2-135M-Instruct, offline data, 1 pair per subset (23 pairs, 46 judgements of up to 200
-      tokens): about 5 min on a 2-core CPU; report.md puts its table next to the IPO run's (configs/rewardbench.py:demo).
+      tokens): about 5 min on a 2-core CPU; report.md puts its table next to the IPO run's
+      (configs/rewardbench.py:demo).
   python -m ipo_jax.main --config configs/rewardbench_self_reward.py:paper --config.model.path=<gguf or HF dir> \
       --config.output_dir=runs/rb_self_reward_paper
       the paper's procedure: its trimmed rubric (shared:ipo/self_reward_judge_prompt.txt) as raw text, right

@@ -129,7 +129,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: jax.Array | float | 
   reaches `top_p` (at least one); min-p drops tokens less likely than `min_p` times the most likely one.
   """
   if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0].min(axis=-1, keepdims=True)  # not [..., -1]: XLA makes that a sort
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0].min(-1, keepdims=True)  # [..., -1:] would sort
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p is not None:
     probs = jax.nn.softmax(logits, axis=-1)
