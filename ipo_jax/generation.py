@@ -350,7 +350,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def stream(model: Any, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig, key: Any = 0, *,
            indices: Sequence[int] | None = None, batch_size: int = 16, max_prompt_tokens: int | None = None,
-           progress: bool = True) -> Iterator[tuple[int, list[Generation]]]:
+           progress: bool = True, desc: str = "generate") -> Iterator[tuple[int, list[Generation]]]:
   """Yields (position in `prompts`, its `num_samples` generations) as each batch finishes.
 
   `model` is a `loading.Model` (config, params, mesh, tokenizer; the tokenizer may be None when every prompt is a
@@ -380,7 +380,7 @@ def stream(model: Any, prompts: Sequence[str | Sequence[int]], sampling: Samplin
   scalars = [np.float32(v) for v in (sampling.temperature or 1.0, sampling.top_p, sampling.min_p)]
   multiple = sharding.batch_multiple(mesh)
   batch_size = -(-batch_size // multiple) * multiple
-  bar = tqdm(total=len(ids), unit="prompt", desc="generate", disable=not progress or not runtime.is_main_process())
+  bar = tqdm(total=len(ids), unit="prompt", desc=desc, disable=not progress or not runtime.is_main_process())
   with bar:
     for length, batch in _batches([len(p) for p in ids], batch_size, cap):
       rows = _batch_rows(len(batch), batch_size, multiple)

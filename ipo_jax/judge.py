@@ -151,7 +151,8 @@ def stream_judgements(model: Any, instructions: Sequence[str], responses: Sequen
                                     settings.max_prompt_tokens, settings.truncation)
   for pos, (gen,) in generation.stream(model, [ids for ids, _ in encoded], settings.sampling, key, indices=indices,
                                        batch_size=settings.batch_size,
-                                       max_prompt_tokens=settings.max_prompt_tokens, progress=progress):
+                                       max_prompt_tokens=settings.max_prompt_tokens, progress=progress,
+                                       desc="judge"):
     ids, truncated = encoded[pos]
     yield pos, Judgement(gen.text, parse_score(gen.text), truncated, len(ids))
 
