@@ -4,8 +4,8 @@
       --config.output_dir=runs/generate
       4 samples x 256 tokens at temperature 0.7 for each of the 805 AlpacaEval instructions.
   python -m ipo_jax.main --config configs/generate.py:local --config.output_dir=runs/generate_local
-      embedded SmolLM2-135M-Instruct, 8 AlpacaEval instructions x 2 samples x 32 tokens: under a minute on a 2-core
-      CPU (model load about 15 s, compilation about 10 s).
+      embedded SmolLM2-135M-Instruct, 8 AlpacaEval instructions x 2 samples x 32 tokens: about 20 s on a 2-core
+      CPU (model load and compilation included).
   python -m ipo_jax.main --config configs/generate.py:greedy --config.model.path=<gguf or HF dir> \
       --config.data.path=<instructions.jsonl> --config.sampling.max_new_tokens=48 --config.output_dir=<dir>
       one greedy answer per instruction (temperature 0).

@@ -3,8 +3,9 @@
   python -m ipo_jax.main --config configs/rewardbench_self_reward.py:demo \
       --config.compare_with=runs/demo_rewardbench
       embedded SmolLM2-135M-Instruct, offline data, 1 pair per subset (23 pairs, 46 judgements of up to 200
-      tokens): about 5 min on a 2-core CPU; report.md puts its table next to the IPO run's
-      (configs/rewardbench.py:demo).
+      tokens): about 16 min on a 2-core CPU (the longest texts fill the 2048-token bucket); report.md puts its
+      table next to the IPO run's (configs/rewardbench.py:demo) on the pairs both scored. SmolLM2-135M rarely
+      writes a score at all (about 90% of its judgements are unparsable).
   python -m ipo_jax.main --config configs/rewardbench_self_reward.py:paper --config.model.path=<gguf or HF dir> \
       --config.output_dir=runs/rb_self_reward_paper
       the paper's procedure: its trimmed rubric (shared:ipo/self_reward_judge_prompt.txt) as raw text, right

@@ -13,7 +13,7 @@ cut on the right as the paper's code did (`truncation="paper"`).
 On RewardBench each pair's chosen and rejected responses are judged separately; a pair is correct when the chosen
 one scores strictly higher (ties are wrong and counted). Data, section scores, outputs (scores.jsonl,
 summary.json, report.md, the plot) and resume are those of `ipo_jax.rewardbench`, so the judge's table sits next
-to the IPO classifier's (`compare_with` adds a side-by-side table to report.md).
+to the IPO classifier's (`compare_with` adds a side-by-side table on the common pairs to report.md).
 """
 
 from __future__ import annotations
@@ -229,16 +229,26 @@ def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def _other_summaries(compare_with: str) -> dict[str, Mapping[str, Any]]:
-  """Summaries of other RewardBench runs (comma-separated output dirs or summary.json files), by method."""
+def _comparison_dirs(compare_with: str) -> list[str]:
+  """The output dirs of other RewardBench runs (comma-separated), checked before any judging."""
+  dirs = [e.strip() for e in compare_with.split(",") if e.strip()]
+  for directory in dirs:
+    for name in (rewardbench.SUMMARY_FILE, rewardbench.SCORES_FILE):
+      if not os.path.exists(os.path.join(directory, name)):
+        raise FileNotFoundError(f"compare_with: {directory} is not a RewardBench output dir (no {name})")
+  return dirs
+
+
+def _other_summaries(dirs: Sequence[str], keys: set[tuple[str, str]]) -> dict[str, Mapping[str, Any]]:
+  """Summaries of other RewardBench runs on the pairs in `keys`, by method."""
   out = {}
-  for entry in [e.strip() for e in compare_with.split(",") if e.strip()]:
-    path = entry if entry.endswith(".json") else os.path.join(entry, rewardbench.SUMMARY_FILE)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"compare_with: no RewardBench summary at {path}")
-    with open(path, encoding="utf-8") as f:
-      summary = json.load(f)
-    out[f"{summary.get('method', 'run')} ({entry})"] = summary
+  for directory in dirs:
+    with open(os.path.join(directory, rewardbench.SUMMARY_FILE), encoding="utf-8") as f:
+      method = json.load(f).get("method", "run")
+    rows = [r for r in data_lib.iter_jsonl(os.path.join(directory, rewardbench.SCORES_FILE))
+            if rewardbench.pair_key(r) in keys]
+    if rows:
+      out[f"{method} ({directory})"] = rewardbench.summarize(rows)
   return out
 
 
@@ -249,7 +259,7 @@ def run(config: Any) -> dict[str, Any]:
   pairs = rewardbench.load_pairs(config.data)
   if not pairs:
     raise ValueError(f"{pairs.source}: no pairs selected")
-  others = _other_summaries(config.get("compare_with", ""))
+  compare_dirs = _comparison_dirs(config.get("compare_with", ""))
   output_dir = config.output_dir or os.path.join("runs", "rewardbench_self_reward")
   run_settings = {
       "model": config.model.path, "dtype": config.model.get("dtype", "float32"), "method": "self_reward",
@@ -291,8 +301,9 @@ def run(config: Any) -> dict[str, Any]:
   title = "RewardBench: self-rewarding judge"
   report = rewardbench.write_report(output_dir, summary, title=title)
   extra = [f"\nUnparsable judgements: {unparsable} of {judgements} (scored {settings.unparsable_score})."]
+  others = _other_summaries(compare_dirs, {rewardbench.pair_key(r) for r in rows})
   if others:
-    extra += ["", "## Side by side", "", comparison_table({**others, method: summary})]
+    extra += ["", "## Side by side (the pairs both runs scored)", "", comparison_table({**others, method: summary})]
   if runtime.is_main_process():
     with open(os.path.join(output_dir, rewardbench.REPORT_FILE), "a", encoding="utf-8") as f:
       f.write("\n".join(extra) + "\n")

@@ -106,10 +106,12 @@ def _config(output_dir, **overrides):
 
 def test_rewardbench_self_reward_task(smollm, tmp_path, monkeypatch):
   monkeypatch.setattr(judge.runtime, "load_model_from_config", lambda config, mesh=None: smollm)
-  ipo_dir = tmp_path / "ipo"
+  ipo_dir = tmp_path / "ipo"  # an IPO run that scored these pairs and one more (left out of the comparison)
   ipo_dir.mkdir()
-  ipo_rows = [{"subset": "alpacaeval-easy", "id": 1, "correct": True}, {"subset": "hep-python", "id": 2,
-                                                                         "correct": False}]
+  pairs = rewardbench.load_pairs(_config(tmp_path).data)
+  ipo_rows = [{"subset": p["subset"], "id": p["id"], "correct": c} for p, c in zip(pairs, (True, False))]
+  ipo_rows.append({"subset": "donotanswer", "id": -1, "correct": True})
+  data.append_jsonl(ipo_dir / rewardbench.SCORES_FILE, ipo_rows)
   data.write_json(ipo_dir / rewardbench.SUMMARY_FILE, rewardbench.summarize(ipo_rows, method="IPO P(Yes)"))
   out = tmp_path / "judge"
   config = _config(out, **{"sampling.temperature": 0.0})
@@ -130,11 +132,12 @@ def test_rewardbench_self_reward_task(smollm, tmp_path, monkeypatch):
   assert summary["judge"]["unparsable"] == unparsable and summary["counts"]["pairs"] == 2
   assert summary["counts"]["ties"] == sum(r["tie"] for r in rows)
   report = (out / rewardbench.REPORT_FILE).read_text()
-  assert "## Side by side" in report and "IPO P(Yes)" in report and f"{unparsable} of 4" in report
+  table = report[report.index("## Side by side"):]
+  assert "IPO P(Yes)" in table and "| Chat | 100.0 |" in table and "| pairs (ties) | 2 (0) |" in table
+  assert f"{unparsable} of 4" in report
   assert (out / rewardbench.PLOT_FILE).exists()
 
   # The API gives the same judgements (greedy here; keys differ) and scores them with its unparsable value.
-  pairs = rewardbench.load_pairs(config.data)
   settings = judge.JudgeSettings.from_config(config.judge, config.sampling)
   by_key = {rewardbench.pair_key(r): r for r in rows}
   items = [(p, side) for p in pairs for side in ("chosen", "rejected")]  # the task's shapes: no compilation
