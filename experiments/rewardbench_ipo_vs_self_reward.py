@@ -64,7 +64,7 @@ def compare(models: list[str], output_dir: str, max_per_subset: int, judge_token
     ipo_config, self_reward_config = method_configs(model, output_dir, max_per_subset, judge_tokens, subsets)
     summaries[f"{model}: IPO"] = rewardbench.run(ipo_config)
     summaries[f"{model}: self-reward"] = judge.run(self_reward_config)
-  table = judge.comparison_table(summaries)
+  table = rewardbench.comparison_table(summaries)
   os.makedirs(output_dir, exist_ok=True)
   keep = ("score", "sections", "paper", "counts", "wall_time_s")
   data_lib.write_json(os.path.join(output_dir, "comparison.json"),

@@ -212,23 +212,6 @@ def judge_pairs(model: Any, pairs: Sequence[Mapping[str, Any]], settings: JudgeS
       yield _score_pair(row, settings.unparsable_score)
 
 
-def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-  """A Markdown table with one column per RewardBench summary: score, sections, paper categories, ties."""
-  names = list(summaries)
-  rows = [("Score", lambda s: s["score"])]
-  for section in rewardbench.SUBSET_MAPPING:
-    rows.append((section, lambda s, k=section: s["sections"].get(k)))
-  for category in list(rewardbench.PAPER_CATEGORIES) + ["mean"]:
-    rows.append((f"paper: {category}", lambda s, k=category: s.get("paper", {}).get(k)))
-  lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-  for label, get in rows:
-    values = [get(summaries[n]) for n in names]
-    lines.append(f"| {label} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in values) + " |")
-  lines.append("| pairs (ties) | " + " | ".join(
-      f"{summaries[n]['counts']['pairs']} ({summaries[n]['counts']['ties']})" for n in names) + " |")
-  return "\n".join(lines)
-
-
 def _comparison_dirs(compare_with: str) -> list[str]:
   """The output dirs of other RewardBench runs (comma-separated), checked before any judging."""
   dirs = [e.strip() for e in compare_with.split(",") if e.strip()]
@@ -245,8 +228,7 @@ def _other_summaries(dirs: Sequence[str], keys: set[tuple[str, str]]) -> dict[st
   for directory in dirs:
     with open(os.path.join(directory, rewardbench.SUMMARY_FILE), encoding="utf-8") as f:
       method = json.load(f).get("method", "run")
-    rows = [r for r in data_lib.iter_jsonl(os.path.join(directory, rewardbench.SCORES_FILE))
-            if rewardbench.pair_key(r) in keys]
+    rows = rewardbench.read_scores(directory, keys)
     if rows:
       out[f"{method} ({directory})"] = rewardbench.summarize(rows)
   return out
@@ -303,7 +285,8 @@ def run(config: Any) -> dict[str, Any]:
   extra = [f"\nUnparsable judgements: {unparsable} of {judgements} (scored {settings.unparsable_score})."]
   others = _other_summaries(compare_dirs, {rewardbench.pair_key(r) for r in rows})
   if others:
-    extra += ["", "## Side by side (the pairs both runs scored)", "", comparison_table({**others, method: summary})]
+    extra += ["", "## Side by side (the pairs both runs scored)", "",
+              rewardbench.comparison_table({**others, method: summary})]
   if runtime.is_main_process():
     with open(os.path.join(output_dir, rewardbench.REPORT_FILE), "a", encoding="utf-8") as f:
       f.write("\n".join(extra) + "\n")

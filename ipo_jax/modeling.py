@@ -131,10 +131,11 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
   cos, sin = jnp.where(is_sliding, cos_s, cos_f), jnp.where(is_sliding, sin_s, sin_f)
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   q = constrain(q, P(BATCH, None, "tensor", None))
-  if cache_kv is not None:
-    ck, cv, start = cache_kv
-    k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
-    v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
+  if cache_kv is not None:  # the stacked cache of every layer: write this layer's new slots in place
+    ck, cv, start, layer = cache_kv
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, start, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, start, 0, 0))
+    k, v = ck[layer], cv[layer]
   attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window))
   attn = jnp.einsum("bte,ed->btd", attn, p["o"])
   if cfg.o_bias:
@@ -150,7 +151,7 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
   if cfg.post_norms:
     mlp = rms_norm(mlp, p["mlp_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   h = constrain(h + mlp, P(BATCH, None, None))
-  return h, (k, v)
+  return h, (None if cache_kv is None else (ck, cv))
 
 
 def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
@@ -197,23 +198,19 @@ def forward(
   is_sliding = np.array([lt == SLIDING for lt in cfg.layer_types])
   windows = np.where(is_sliding, cfg.sliding_window or _NO_WINDOW, _NO_WINDOW).astype(np.int32)
 
-  def body(h, xs):
-    if cache is None:
-      p, window, sliding = xs
-      cache_kv = None
-    else:
-      p, window, sliding, ck, cv = xs
-      cache_kv = (ck, cv, cache["length"])
-    h, kv = _layer(cfg, h, p, window, sliding, rope, kv_mask, cache_kv)
-    return h, (kv if cache is not None else None)
+  def body(carry, xs):
+    h, kv = carry
+    p, window, sliding, layer = xs
+    h, kv = _layer(cfg, h, p, window, sliding, rope, kv_mask,
+                   None if cache is None else (*kv, cache["length"], layer))
+    return (h, kv), None
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
   h = embed(params, cfg, input_ids)
-  xs = (params["layers"], windows, is_sliding)
-  if cache is not None:
-    xs = xs + (cache["k"], cache["v"])
-  h, kv = jax.lax.scan(body, h, xs)
+  xs = (params["layers"], windows, is_sliding, jnp.arange(cfg.num_layers))
+  kv = None if cache is None else (cache["k"], cache["v"])  # carried: each layer updates its slots in place
+  (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
   h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   if cache is None:
     return h, None

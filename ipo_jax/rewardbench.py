@@ -256,6 +256,29 @@ def summarize(rows: Sequence[Mapping[str, Any]], **extra: Any) -> dict[str, Any]
   return summary
 
 
+def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+  """A Markdown table with one column per RewardBench summary: score, sections, paper categories, ties."""
+  names = list(summaries)
+  rows = [("Score", lambda s: s["score"])]
+  for section in SUBSET_MAPPING:
+    rows.append((section, lambda s, k=section: s["sections"].get(k)))
+  for category in list(PAPER_CATEGORIES) + ["mean"]:
+    rows.append((f"paper: {category}", lambda s, k=category: s.get("paper", {}).get(k)))
+  lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+  for label, get in rows:
+    values = [get(summaries[n]) for n in names]
+    lines.append(f"| {label} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in values) + " |")
+  lines.append("| pairs (ties) | " + " | ".join(
+      f"{summaries[n]['counts']['pairs']} ({summaries[n]['counts']['ties']})" for n in names) + " |")
+  return "\n".join(lines)
+
+
+def read_scores(output_dir: str, keys: set[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+  """The rows of a run's scores.jsonl (only those whose (subset, id) is in `keys`, when given)."""
+  rows = data.iter_jsonl(os.path.join(output_dir, SCORES_FILE))
+  return [r for r in rows if keys is None or pair_key(r) in keys]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resume.
 

@@ -356,11 +356,13 @@ def training_config(config: Any, output_dir: str, num_pairs: int, multiple: int)
 
 
 def stage_train(policy: Any, rnd: Round, config: Any, reference_params: Any = None) -> tuple[Any, dict[str, Any]]:
-  """DPO of `policy` on the round's pairs (reference: `reference_params`, else the policy); exports the new one."""
+  """DPO of `policy` on the round's pairs (reference: `reference_params`, else the policy); exports the new one.
+  Without pairs the round keeps its starting policy (`kept_policy` in the summary)."""
   from ipo_jax import export  # pylint: disable=import-outside-toplevel
   pairs = list(data_lib.iter_jsonl(rnd.path("pairs.jsonl")))
-  if not pairs:
-    raise ValueError(f"{rnd.path('pairs.jsonl')}: no pairs to train on (every prompt was dropped)")
+  if not pairs:  # a result, not an error: e.g. a judge too weak to tell its samples apart
+    runtime.log(f"round {rnd.index}: no pairs (every prompt was dropped); the policy stays {policy.name}")
+    return policy, {"steps": 0, "pairs": 0, "kept_policy": True, "train": {}}
   tc = training_config(config, rnd.path("dpo"), len(pairs), sharding.batch_multiple(policy.mesh))
   rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
   params, summary = trainer.train_dpo(policy, rows, tc, reference_params=reference_params)
@@ -457,6 +459,9 @@ class Models:
     """The policy that round `round_index` + 1 starts from (0: the initial model)."""
     if round_index == 0:
       return self.initial
+    state = Round(os.path.join(self.config.output_dir, f"round_{round_index}"), round_index).state
+    if state.get("train", {}).get("kept_policy"):  # that round had no pairs to train on
+      return self.policy_after(round_index - 1)
     policy = self._load(os.path.join(self.config.output_dir, f"round_{round_index}", "policy"))
     return dataclasses.replace(policy, tokenizer=self.initial.tokenizer,
                                name=f"{self.initial.name} + round {round_index}")

@@ -1,6 +1,7 @@
 """The experiment scripts' wiring: launch commands and the configs they build (no model runs here)."""
 
 import importlib.util
+import math
 import os
 import pathlib
 import subprocess
@@ -17,6 +18,7 @@ def _script(name):
   return module
 
 
+rewardbench_ensemble = _script("rewardbench_ensemble")
 rewardbench_ipo_vs_self_reward = _script("rewardbench_ipo_vs_self_reward")
 self_improvement = _script("self_improvement")
 
@@ -59,6 +61,30 @@ def test_rewardbench_comparison_scores_the_same_pairs(tmp_path):
   assert ipo.task == "rewardbench" and self_reward.task == "rewardbench_self_reward"
   assert ipo.scoring.truncation == "paper" and self_reward.sampling.max_new_tokens == 64
   assert ipo.output_dir != self_reward.output_dir
+
+
+def test_ensemble_comparison_differs_only_in_the_instructions(tmp_path):
+  single, ensemble = rewardbench_ensemble.run_configs("embedded", str(tmp_path), 0, 5)
+  assert single.scoring.prompts_file.endswith("rewardbench_prompts.json")
+  assert ensemble.scoring.prompts_file.endswith("candidate_prompts.json")
+  assert (single.data.max_per_subset, ensemble.data.max_per_subset) == (0, 5)
+  strip = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("scoring", "data", "output_dir")}
+  assert strip(single) == strip(ensemble)
+  assert {k: v for k, v in single.scoring.items() if k != "prompts_file"} == {
+      k: v for k, v in ensemble.scoring.items() if k != "prompts_file"}
+  assert single.scoring.truncation == "paper" and single.output_dir != ensemble.output_dir
+
+
+def test_ensemble_recombined_by_mean_log_odds():
+  # Two candidates on which the combinations disagree.
+  row = {"subset": "s", "id": 0, "correct": True, "tie": False,
+         "candidates": {"log_odds_chosen": [2.0, 2.0], "log_odds_rejected": [-1.0, 8.0]}}
+  sig = lambda x: 1 / (1 + math.exp(-x))
+  assert sig(2.0) > (sig(-1.0) + sig(8.0)) / 2  # mean P(Yes): 0.881 vs 0.634, chosen wins
+  (out,) = rewardbench_ensemble.recombine([row], "mean_log_odds")
+  assert out["correct"] is False and out["tie"] is False  # mean log-odds: 2 vs 3.5, rejected wins
+  (same,) = rewardbench_ensemble.recombine([row], "mean_prob")
+  assert same["correct"] is True
 
 
 @pytest.mark.parametrize("arm", ["ipo", "reward_model"])

@@ -243,6 +243,26 @@ def test_second_round_uses_first_policy(model, first_run, tmp_path):
   assert state["eval"]["policy"].endswith("+ round 2")
 
 
+def test_round_without_pairs_keeps_the_policy(model, first_run, tmp_path):
+  """A labeller that separates no samples (here: an unreachable margin) leaves the policy as it was; the round
+  still evaluates it, and round 2 starts from it."""
+  src, _ = first_run
+  out = tmp_path / "no_pairs"
+  shutil.copytree(src, out)
+  shutil.rmtree(out / "round_1")
+  config = tiny_config(out)
+  config.label.min_margin = 1.0  # P(Yes) margins are below 1
+  summary = self_improve.run(config, model)
+  state = json.loads((out / "round_1" / "state.json").read_text())
+  assert state["label"]["pairs"] == 0 and state["label"]["margin"] == len(json.loads(
+      (out / "prompts.json").read_text())["train"])
+  assert state["train"] == {"steps": 0, "pairs": 0, "kept_policy": True, "train": {}}
+  assert not (out / "round_1" / "policy").exists() and state["eval"]["policy"] == model.name
+  assert state["eval"]["win_rate"] == 0.5 and state["eval"]["ties"] == state["eval"]["prompts"]
+  assert summary["rounds"][1]["pairs"] == 0 and summary["rounds"][1]["dpo_loss"] is None
+  assert self_improve.Models(config, model).policy_after(1) is model
+
+
 def _relabel(model, first_run, tmp_path, arm, reward_model=""):
   """The label stage of round 1 rerun on a copy of `first_run` under another arm; returns (labels, pairs)."""
   src, _ = first_run

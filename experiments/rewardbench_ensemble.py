@@ -1,0 +1,131 @@
+"""RewardBench: the paper's one instruction per subset against an ensemble of candidate instructions, one table.
+
+The single-instruction run is `configs/rewardbench.py:paper` (the authors' per-subset prompts, paper layout, right
+truncation at 1024 tokens); the ensemble run is `configs/rewardbench.py:paper,ensemble` (the 10 candidate
+instructions per subset of shared:ipo/candidate_prompts.json, same layout and truncation, mean P(Yes)). The ensemble
+costs K forward passes per response, so it can run on a per-subset slice (`--ensemble_max_per_subset`) while the
+single instruction covers more; the table then shows the single instruction on all its pairs and on the ensemble's
+pairs, the ensemble combined by mean P(Yes) and by mean log-odds (recomputed from the stored per-candidate scores),
+and the prompt search (the best candidate per subset, picked on these same pairs, so an optimistic bound). Both
+runs resume from their output directories.
+
+Local (embedded SmolLM2-135M-Instruct; the whole filtered split with the paper's prompts, 2985 pairs, about an
+hour on a 2-core CPU; the ensemble on 5 pairs per subset, 113 pairs x 10 instructions, about 25 minutes):
+
+  python experiments/rewardbench_ensemble.py --single_max_per_subset 0 --ensemble_max_per_subset 5 \\
+      --output_dir runs/rb_ensemble
+
+On an accelerator, the ensemble over the whole split:
+
+  python experiments/rewardbench_ensemble.py --model <model> --ensemble_max_per_subset 0 \\
+      --output_dir runs/rb_ensemble_full
+
+The table goes to <output_dir>/comparison.md and the summaries to <output_dir>/comparison.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ipo_jax import data as data_lib  # pylint: disable=wrong-import-position
+from ipo_jax import rewardbench, scoring  # pylint: disable=wrong-import-position
+
+DATA = "shared:reward_bench/reward_bench_filtered.jsonl.gz"
+
+
+def _config(arg: str):
+  spec = importlib.util.spec_from_file_location("rewardbench_config", REPO / "configs" / "rewardbench.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def run_configs(model: str, output_dir: str, single_max_per_subset: int, ensemble_max_per_subset: int,
+                data: str = DATA):
+  """(single-instruction config, ensemble config): same model, data, layout and truncation."""
+  configs = {"single": _config("paper"), "ensemble": _config("paper,ensemble")}
+  for name, c in configs.items():
+    c.model.path = model
+    c.data.path = data
+    c.output_dir = os.path.join(output_dir, name)
+  configs["single"].data.max_per_subset = single_max_per_subset
+  configs["ensemble"].data.max_per_subset = ensemble_max_per_subset
+  return configs["single"], configs["ensemble"]
+
+
+def recombine(rows: list[dict], method: str) -> list[dict]:
+  """Ensemble rows with `correct` and `tie` recomputed under another combination of their candidates' scores."""
+  out = []
+  for r in rows:
+    cand = r["candidates"]
+    _, key = scoring.combine(np.array([cand["log_odds_chosen"], cand["log_odds_rejected"]]), method)
+    out.append({**r, "correct": bool(key[0] > key[1]), "tie": bool(key[0] == key[1])})
+  return out
+
+
+def seconds_per_pair(summary: dict) -> float | None:
+  run = summary.get("scoring", {})
+  return run["seconds"] / run["pairs_scored"] if run.get("pairs_scored") else None
+
+
+def compare(model: str, output_dir: str, single_max_per_subset: int, ensemble_max_per_subset: int,
+            data: str = DATA) -> tuple[str, dict]:
+  """Runs both and returns the Markdown report and the summaries by column name."""
+  single_config, ensemble_config = run_configs(model, output_dir, single_max_per_subset, ensemble_max_per_subset,
+                                               data)
+  single = rewardbench.run(single_config)
+  ensemble = rewardbench.run(ensemble_config)
+  keys = {rewardbench.pair_key(p) for p in rewardbench.load_pairs(ensemble_config.data)}
+  ensemble_rows = rewardbench.read_scores(ensemble_config.output_dir, keys)
+  single_rows = rewardbench.read_scores(single_config.output_dir, keys)
+  if len(single_rows) < len(keys):
+    raise ValueError(f"the single-instruction run scored {len(single_rows)} of the ensemble's {len(keys)} pairs; "
+                     "select at least as many pairs per subset for it")
+  n_single, n_ensemble = single["counts"]["pairs"], len(keys)
+  summaries = {
+      f"paper prompts ({n_single})": single,
+      f"paper prompts ({n_ensemble})": rewardbench.summarize(single_rows),
+      f"ensemble, mean P(Yes) ({n_ensemble})": ensemble,
+      f"ensemble, mean log-odds ({n_ensemble})": rewardbench.summarize(recombine(ensemble_rows, "mean_log_odds")),
+  }
+  selected = ensemble.get("prompt_search_selected", {}).get("score")
+  timing = {name: seconds_per_pair(s) for name, s in (("single", single), ("ensemble", ensemble))}
+  lines = ["# RewardBench: one instruction vs an ensemble (%)", "", rewardbench.comparison_table(summaries), ""]
+  if selected is not None:
+    lines.append(f"Prompt search (best candidate per subset, chosen on these {n_ensemble} pairs): "
+                 f"{100 * selected:.1f}.")
+  lines.append("Scoring time per pair (the latest invocation of each run): " + ", ".join(
+      f"{name} {t:.2f} s" for name, t in timing.items() if t is not None) + ".")
+  report = "\n".join(lines) + "\n"
+  keep = ("score", "sections", "paper", "counts", "wall_time_s", "scoring", "prompt_search_selected")
+  data_lib.write_json(os.path.join(output_dir, "comparison.json"),
+                      {name: {k: s[k] for k in keep if k in s} for name, s in summaries.items()})
+  with open(os.path.join(output_dir, "comparison.md"), "w", encoding="utf-8") as f:
+    f.write(report)
+  return report, summaries
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--model", default="embedded", help="model path or id")
+  parser.add_argument("--data", default=DATA, help="RewardBench pairs: hub id, local file or shared:<path>")
+  parser.add_argument("--single_max_per_subset", type=int, default=0, help="pairs per subset; 0: all")
+  parser.add_argument("--ensemble_max_per_subset", type=int, default=5, help="pairs per subset; 0: all")
+  parser.add_argument("--output_dir", default="runs/rb_ensemble")
+  args = parser.parse_args()
+  report, _ = compare(args.model, args.output_dir, args.single_max_per_subset, args.ensemble_max_per_subset,
+                      args.data)
+  print(report)
+
+
+if __name__ == "__main__":
+  main()
