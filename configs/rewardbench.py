@@ -53,7 +53,8 @@ def get_config(arg=None):
   config.scoring.buckets = ()  # fixed bucket lengths instead of the chosen ones
   config.scoring.shared_prefix = True  # run the tokens a chosen/rejected pair shares once (when it saves work)
   config.scoring.prefix_length = 0  # shared-prefix slots; 0: chosen from the data
-  config.scoring.window = 256  # pairs whose prefixes are cached together
+  config.scoring.window = 256  # pairs whose prefixes are cached (or sequences packed) together
+  config.scoring.packing = "auto"  # several sequences per row, no padding, 1 program: auto | always | never
   config.scoring.progress = True
 
   if "paper" in variants:

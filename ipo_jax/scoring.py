@@ -24,6 +24,10 @@ padded FLOPs) under a budget of `max_programs` compiled programs, rows sorted by
 (data, fsdp) axes. With `shared_prefix`, the tokens a chosen/rejected pair shares (instruction and prompt, up to
 `prefix_length` of them) can be run once into a KV cache that both continuations attend to (gathered along the
 batch); the planner uses it when its FLOP model says it saves work, and the scores equal the plain ones to 1e-5.
+With `packing` ("auto": when the FLOP model says it saves work; "always"; "never"), sequences are instead packed
+first-fit into rows as long as the longest one (segments attend only within themselves, positions restart, each
+segment's last position is scored): no padding and one compiled program, at the price of attention over the
+longer rows. Cache-less attention is block-causal (`modeling.QUERY_BLOCK`), which the FLOP model counts.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ipo_jax.config import ModelConfig
 LAYOUTS = ("paper", "chat", "template")
 TRUNCATIONS = ("keep_question", "paper")
 ENSEMBLES = ("mean_prob", "mean_log_odds")
+PACKING = ("auto", "always", "never")
 PAPER_TEMPLATE = "{instruction}\n    User : {prompt}\n    Response : {response}\n    "
 CHAT_CONTENT = "{instruction}\n    User : {prompt}\n    Response : {response}"
 _FIELDS = re.compile(r"\{(instruction|prompt|response)\}")
@@ -70,6 +75,7 @@ class Settings:
   shared_prefix: bool = True
   prefix_length: int = 0
   window: int = 256
+  packing: str = "auto"
   ensemble: str = "mean_prob"
   progress: bool = True
 
@@ -78,6 +84,7 @@ class Settings:
         (self.layout in LAYOUTS, f"scoring.layout must be one of {LAYOUTS}, got {self.layout!r}"),
         (self.truncation in TRUNCATIONS, f"scoring.truncation must be one of {TRUNCATIONS}, got {self.truncation!r}"),
         (self.ensemble in ENSEMBLES, f"scoring.ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}"),
+        (self.packing in PACKING, f"scoring.packing must be one of {PACKING}, got {self.packing!r}"),
         (self.layout != "template" or self.template, "scoring.layout='template' needs scoring.template"),
         (self.max_length > 1, f"scoring.max_length must be > 1, got {self.max_length}"),
         (self.max_programs >= 2, f"scoring.max_programs must be >= 2, got {self.max_programs}"),
@@ -273,19 +280,66 @@ def batch_rows(bucket: int, settings: Settings, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """The shapes of a scoring run: prefix slots (0: no sharing), buckets and the rows of each bucket's batches."""
+  """The shapes of a scoring run: prefix slots (0: no sharing), buckets and the rows of each bucket's batches;
+  or, when packed, the batches of packed rows (sequence indices per row) and the segment slots per row."""
 
   prefix: int
   buckets: tuple[int, ...]
   rows: tuple[int, ...]
   cost: float
+  packed: tuple[tuple[tuple[int, ...], ...], ...] = ()
+  segments: int = 0
+
+
+def first_fit(lengths: Sequence[int], indices: Sequence[int], capacity: int) -> list[list[int]]:
+  """`indices` packed into rows of at most `capacity` tokens, longest first, each into the first row it fits."""
+  rows: list[list[int]] = []
+  free = np.zeros(0, np.int64)
+  for i in sorted(indices, key=lambda i: -lengths[i]):
+    fits = np.nonzero(free >= lengths[i])[0]
+    if len(fits):
+      rows[fits[0]].append(i)
+      free[fits[0]] -= lengths[i]
+    else:
+      rows.append([i])
+      free = np.append(free, capacity - lengths[i])
+  return rows
+
+
+def pack_batches(lengths: Sequence[int], capacity: int, rows_per_batch: int, window: int
+                 ) -> list[list[list[int]]]:
+  """Batches of `rows_per_batch` packed rows, filled window by window (pairs 2i, 2i+1 stay in one window) so
+  results stream; a window's last, partial batch is packed again with the next window's sequences."""
+  batches, carried = [], []
+  for start in range(0, len(lengths), 2 * window):
+    rows = first_fit(lengths, carried + list(range(start, min(start + 2 * window, len(lengths)))), capacity)
+    full = len(rows) // rows_per_batch * rows_per_batch
+    batches += [rows[k:k + rows_per_batch] for k in range(0, full, rows_per_batch)]
+    carried = [i for row in rows[full:] for i in row]
+  if carried:
+    batches.append(first_fit(lengths, carried, capacity))
+  return batches
+
+
+def _packed_plan(cfg: ModelConfig, lengths: np.ndarray, settings: Settings, multiple: int) -> Plan:
+  flat = lengths.reshape(-1)
+  mult = settings.length_multiple
+  capacity = int(-(-flat.max() // mult) * mult)
+  rows = batch_rows(capacity, settings, multiple)
+  batches = pack_batches(flat, capacity, rows, settings.window)
+  segments = -(-max(len(r) for b in batches for r in b) // 4) * 4
+  cost = len(batches) * rows * (float(flops(cfg, capacity, modeling.attended_slots(capacity)))
+                                + segments * head_flops(cfg))
+  return Plan(0, (capacity,), (rows,), cost, tuple(tuple(tuple(r) for r in b) for b in batches), segments)
 
 
 def plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, settings: Settings,
          multiple: int = 1) -> Plan:
   """Chooses the prefix length and buckets. `lengths` [N, 2] tokens of each pair's sequences; `shared` [N] the
   tokens each pair shares at its start (None: no sharing); `multiple` the mesh's batch split. Compiled
-  programs: len(buckets) (+1 prefill); a bucket with fewer sequences than a batch gets a smaller batch."""
+  programs: len(buckets) (+1 prefill), or 1 when packed; a bucket with fewer sequences than a batch gets a smaller
+  batch. `settings.packing`: "always", "never", or "auto" (when cheaper, unless `buckets` or `prefix_length` fix the
+  shapes)."""
   flat = lengths.reshape(-1)
   mult = settings.length_multiple
   options = [0]
@@ -304,7 +358,9 @@ def plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, setti
       cont, count, fixed = flat, settings.max_programs, 0.0
 
     def cost(length, prefix=prefix):  # one row of a bucket: `length` new tokens attending to prefix + length slots
-      return flops(cfg, length, prefix + length)
+      if prefix:
+        return flops(cfg, length, prefix + length)
+      return flops(cfg, length, np.vectorize(modeling.attended_slots)(length))
 
     def partial_batch(length):  # a bucket's last batch is half filler rows on average
       return cost(length) * settings.batch_tokens // (2 * length)
@@ -322,12 +378,21 @@ def plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, setti
       touched = np.unique(np.repeat(window_of, 2) * len(buckets) + assigned) % len(buckets)
     else:
       touched = np.arange(len(buckets))
-    total = fixed + float(cost(np.asarray(buckets)[assigned]).sum()) + sum(partial_batch(buckets[i]) for i in touched)
+    counts = np.bincount(assigned, minlength=len(buckets))
+    rows = tuple(min(batch_rows(b, settings, multiple), max(multiple, -(-int(n) // multiple) * multiple))
+                 for b, n in zip(buckets, counts))
+    if prefix:
+      total = fixed + float(cost(np.asarray(buckets)[assigned]).sum()) + sum(partial_batch(buckets[i]) for i in touched)
+    else:  # exact: every batch of every bucket, filler rows included
+      batches = [-(-int(n) // r) for n, r in zip(counts, rows)]
+      total = sum(k * r * (float(cost(b)) + head_flops(cfg)) for b, k, r in zip(buckets, batches, rows))
     if best is None or total < best.cost:
-      counts = np.bincount(assigned, minlength=len(buckets))
-      rows = tuple(min(batch_rows(b, settings, multiple), max(multiple, -(-int(n) // multiple) * multiple))
-                   for b, n in zip(buckets, counts))
       best = Plan(prefix, tuple(buckets), rows, float(total))
+  forced = settings.buckets or (shared is not None and settings.shared_prefix and settings.prefix_length)
+  if settings.packing == "always" or (settings.packing == "auto" and not forced):
+    packed = _packed_plan(cfg, lengths, settings, multiple)
+    if settings.packing == "always" or packed.cost < best.cost:
+      best = packed
   return best
 
 
@@ -380,9 +445,18 @@ def _score_continuation(params, cache, rows, ids, mask, answers, *, cfg):
   return _yes_no(params, cfg, modeling.last_token_hidden(hidden, mask), answers)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_packed(params, ids, segments, ends, answers, *, cfg):
+  """Packed rows: `ends` [B, M] the last position of each segment (padding slots point anywhere)."""
+  hidden, _ = modeling.forward(params, cfg, ids, segment_ids=segments)
+  last = jnp.take_along_axis(hidden, ends[:, :, None], axis=1)
+  return _yes_no(params, cfg, last.reshape(-1, last.shape[-1]), answers)
+
+
 def num_compilations() -> int:
   """Scoring programs compiled so far in this process."""
-  return sum(f._cache_size() for f in (_score_plain, _prefill, _score_continuation))  # pylint: disable=protected-access
+  programs = (_score_plain, _prefill, _score_continuation, _score_packed)
+  return sum(f._cache_size() for f in programs)  # pylint: disable=protected-access
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -452,7 +526,10 @@ class Scorer:
     self.stats["tokens"] += int(lengths.sum())
     useful = flops(self.cfg, lengths, (lengths + 1) / 2).sum() + head_flops(self.cfg) * len(seqs)  # causal
     self.stats["useful_flops"] += float(useful)
-    steps = self._shared_steps(seqs, shared, p) if p.prefix else self._plain_steps(seqs, p)
+    if p.packed:
+      steps = self._packed_steps(seqs, p)
+    else:
+      steps = self._shared_steps(seqs, shared, p) if p.prefix else self._plain_steps(seqs, p)
     yield from self._run(steps, len(seqs))
 
   def _plain_steps(self, seqs, p: Plan):
@@ -465,9 +542,10 @@ class Scorer:
       for k in range(start, end, rows):
         idx = order[k:min(k + rows, end)]
         ids, mask = _left_pad([seqs[i] for i in idx], rows, bucket, self.pad_id)
-        self._count(rows * bucket, (flops(self.cfg, bucket, bucket) + head_flops(self.cfg)) * rows)
+        self._count(rows * bucket, (flops(self.cfg, bucket, modeling.attended_slots(bucket))
+                                    + head_flops(self.cfg)) * rows)
         self.shapes.add(("plain", rows, bucket))
-        yield np.array(idx), lambda ids=ids, mask=mask: _score_plain(
+        yield np.array(idx), None, lambda ids=ids, mask=mask: _score_plain(
             self.model.params, self._put(ids), self._put(mask), self._answers(), cfg=self.cfg)
       start = end
 
@@ -505,8 +583,31 @@ class Scorer:
             return _score_continuation(self.model.params, cache[0], self._replicate(row_idx), self._put(c_ids),
                                        self._put(c_mask), self._answers(), cfg=self.cfg)
 
-          yield seq_idx, step
+          yield seq_idx, None, step
         start = end
+
+  def _packed_steps(self, seqs, p: Plan):
+    """Batches of packed rows; each step's outputs are the [rows * segments] slots, read back at `slots`."""
+    capacity, rows = p.buckets[0], p.rows[0]
+    for batch in p.packed:
+      ids = np.full((rows, capacity), self.pad_id, np.int32)
+      segments = np.zeros((rows, capacity), np.int32)
+      ends = np.zeros((rows, p.segments), np.int32)
+      idx, slots = [], []
+      for r, row in enumerate(batch):
+        start = 0
+        for k, i in enumerate(row):
+          ids[r, start:start + len(seqs[i])] = seqs[i]
+          segments[r, start:start + len(seqs[i])] = k + 1
+          start += len(seqs[i])
+          ends[r, k] = start - 1
+          idx.append(i)
+          slots.append(r * p.segments + k)
+      self._count(rows * capacity, (flops(self.cfg, capacity, modeling.attended_slots(capacity))
+                                    + p.segments * head_flops(self.cfg)) * rows)
+      self.shapes.add(("packed", rows, capacity))
+      yield np.array(idx), np.array(slots), lambda ids=ids, segments=segments, ends=ends: _score_packed(
+          self.model.params, self._put(ids), self._put(segments), self._put(ends), self._answers(), cfg=self.cfg)
 
   def _replicate(self, x: np.ndarray) -> jax.Array:
     return sharding.to_global(np.asarray(x, np.int32), sharding.replicated(self.mesh))
@@ -524,19 +625,20 @@ class Scorer:
     bar = tqdm(total=total, unit="seq", disable=not (self.settings.progress and runtime.is_main_process()),
                dynamic_ncols=True, leave=False)
     pending = None
-    for idx, step in steps:
+    for idx, slots, step in steps:
       with jax.set_mesh(self.mesh):
         out = step()
       if pending is not None:
         yield self._fetch(*pending, bar)
-      pending = (idx, out)
+      pending = (idx, slots, out)
     if pending is not None:
       yield self._fetch(*pending, bar)
     bar.close()
 
   @staticmethod
-  def _fetch(idx: np.ndarray, out: jax.Array, bar: Any) -> tuple[np.ndarray, np.ndarray]:
-    values = np.asarray(out)[:len(idx)].astype(np.float64)
+  def _fetch(idx: np.ndarray, slots: np.ndarray | None, out: jax.Array, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The outputs of sequences `idx`: the first len(idx) rows, or the rows at `slots`."""
+    values = np.asarray(out)[slice(len(idx)) if slots is None else slots].astype(np.float64)
     bar.update(len(idx))
     return idx, values
 

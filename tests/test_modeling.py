@@ -80,3 +80,37 @@ def test_remat_and_bf16(params):
   ref = np.asarray(modeling.lm_head(params, CFG, plain))
   approx = np.asarray(modeling.lm_head(bf16, CFG, low))
   assert np.abs(approx - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_query_blocks_give_the_dense_result(params, monkeypatch):
+  """Block-causal attention (queries in blocks, keys up to each block's end) equals dense attention, with left
+  padding and sliding windows."""
+  rng = np.random.default_rng(1)
+  ids = rng.integers(1, 50, (2, 21))
+  mask = np.ones_like(ids)
+  mask[1, :6] = 0
+  forward = lambda: np.asarray(modeling.forward(params, CFG, jnp.asarray(ids), jnp.asarray(mask))[0])
+  dense = forward()
+  monkeypatch.setattr(modeling, "QUERY_BLOCK", 4)  # 6 blocks, the last one short
+  assert modeling.query_blocks(21)[-1] == (20, 21)
+  assert modeling.attended_slots(8) == (4 * 4 + 4 * 8) / 8
+  np.testing.assert_allclose(forward()[mask == 1], dense[mask == 1], atol=1e-5)
+
+
+def test_packed_segments_equal_separate_rows(params, monkeypatch):
+  """Several sequences packed into one row (segment ids, positions restarting) give each sequence's own states."""
+  monkeypatch.setattr(modeling, "QUERY_BLOCK", 8)
+  rng = np.random.default_rng(2)
+  seqs = [rng.integers(1, 50, n) for n in (7, 3, 9)]
+  ids = np.concatenate(seqs + [np.zeros(5, np.int64)])[None]
+  segments = np.concatenate([np.full(len(s), k + 1) for k, s in enumerate(seqs)] + [np.zeros(5, np.int64)])[None]
+  np.testing.assert_array_equal(modeling.segment_positions(jnp.asarray(segments))[0, :19],
+                                np.concatenate([np.arange(len(s)) for s in seqs]))
+  packed = np.asarray(modeling.forward(params, CFG, jnp.asarray(ids), segment_ids=jnp.asarray(segments))[0])[0]
+  start = 0
+  for s in seqs:
+    alone = np.asarray(modeling.forward(params, CFG, jnp.asarray(s[None]))[0])[0]
+    np.testing.assert_allclose(packed[start:start + len(s)], alone, atol=1e-5)
+    start += len(s)
+  with pytest.raises(ValueError, match="segment_ids"):
+    modeling.forward(params, CFG, jnp.asarray(ids), jnp.asarray(segments > 0), segment_ids=jnp.asarray(segments))

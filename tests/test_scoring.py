@@ -208,24 +208,58 @@ def test_shared_prefix_equals_plain_and_compilations_are_bounded(toy):
   rows = short_rows(24)
   ps = prompts.default_prompts()
   common = dict(max_length=256, batch_tokens=1024, max_programs=3, progress=False)
-  plain = scoring.Scorer(toy, scoring.Settings(shared_prefix=False, **common))
-  shared = scoring.Scorer(toy, scoring.Settings(prefix_length=32, window=8, **common))
+  plain = scoring.Scorer(toy, scoring.Settings(shared_prefix=False, packing="never", **common))
+  shared = scoring.Scorer(toy, scoring.Settings(prefix_length=32, window=8, packing="never", **common))
+  packed = scoring.Scorer(toy, scoring.Settings(packing="always", window=5, **common))
   compiled = [scoring.num_compilations()]
-  a = _results(plain, rows, ps)
-  compiled.append(scoring.num_compilations())
-  b = _results(shared, rows, ps)
-  compiled.append(scoring.num_compilations())
-  assert shared.last_plan.prefix == 32 and plain.last_plan.prefix == 0
-  assert a.keys() == b.keys() == {(r["subset"], r["id"]) for r in rows}
-  for key in a:
-    for field in ("score_chosen", "score_rejected", "yes_no_mass_chosen", "yes_no_mass_rejected"):
-      assert abs(a[key][field] - b[key][field]) <= 1e-5, (key, field)
-    assert a[key]["tokens_chosen"] == b[key]["tokens_chosen"]
+  results = []
+  for scorer in (plain, shared, packed):
+    results.append(_results(scorer, rows, ps))
+    compiled.append(scoring.num_compilations())
+  a = results[0]
+  assert shared.last_plan.prefix == 32 and plain.last_plan.prefix == 0 and not plain.last_plan.packed
+  assert packed.last_plan.packed and packed.last_plan.prefix == 0
+  for b in results[1:]:
+    assert a.keys() == b.keys() == {(r["subset"], r["id"]) for r in rows}
+    for key in a:
+      for field in ("score_chosen", "score_rejected", "yes_no_mass_chosen", "yes_no_mass_rejected"):
+        assert abs(a[key][field] - b[key][field]) <= 1e-5, (key, field)
+      assert a[key]["tokens_chosen"] == b[key]["tokens_chosen"]
   assert compiled[1] - compiled[0] <= plain.num_programs == len(plain.last_plan.buckets) <= 3
   assert compiled[2] - compiled[1] <= shared.num_programs == len(shared.last_plan.buckets) + 1 <= 3
+  assert compiled[3] - compiled[2] <= packed.num_programs == 1
   _results(shared, rows, ps)
-  assert scoring.num_compilations() == compiled[2]  # a second pass compiles nothing
+  assert scoring.num_compilations() == compiled[3]  # a second pass compiles nothing
   assert shared.stats["padded_tokens"] >= shared.stats["tokens"] / 2
+  assert packed.stats["padded_tokens"] < plain.stats["padded_tokens"]
+
+
+def test_packing_fills_rows_and_streams_by_window():
+  rng = np.random.default_rng(3)
+  lengths = rng.integers(5, 100, size=40)
+  rows = scoring.first_fit(lengths, range(40), 128)
+  assert sorted(i for r in rows for i in r) == list(range(40))
+  assert all(lengths[r].sum() <= 128 for r in rows)
+  assert len(rows) <= -(-2 * lengths.sum() // 128)  # first fit: at most twice the ideal rows (in fact near 1x)
+  batches = scoring.pack_batches(lengths, 128, 4, window=5)  # windows of 10 sequences
+  assert sorted(i for b in batches for r in b for i in r) == list(range(40))
+  assert all(len(b) == 4 for b in batches[:-1]) and 1 <= len(batches[-1]) <= 4
+  first_seen = [min(k for k, b in enumerate(batches) if any(i in r for r in b)) for i in range(40)]
+  assert first_seen == sorted(first_seen) or max(first_seen[:10]) <= min(first_seen[30:])
+
+
+def test_planner_packs_when_padding_costs_more():
+  cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, head_dim=64, tie_embeddings=True)  # SmolLM2-135M's shapes
+  lengths = np.array([[30, 200], [31, 40], [200, 33], [35, 36]] * 16)
+  packed = scoring.plan(cfg, lengths, None, scoring.Settings(max_programs=2, batch_tokens=1024))
+  assert packed.packed and packed.buckets == (224,) and packed.rows == (4,)
+  assert sum(len(r) for b in packed.packed for r in b) == lengths.size
+  unpacked = scoring.plan(cfg, lengths, None, scoring.Settings(max_programs=2, batch_tokens=1024,
+                                                               packing="never"))
+  assert not unpacked.packed and packed.cost < unpacked.cost
+  uniform = scoring.plan(cfg, np.full((64, 2), 200), None, scoring.Settings(max_programs=2, batch_tokens=1024))
+  assert not uniform.packed  # nothing to gain: one bucket holds every row without padding
 
 
 def test_ensemble_combines_each_candidate(toy):

@@ -5,7 +5,8 @@
 
   (a) paper:  transformers fp32 on CPU, one sequence at a time, logits at every position (as the authors' code).
   (b) tuned:  transformers fp32, sequences sorted by length, left-padded batches, `logits_to_keep=1`.
-  (c) ipo_jax: `ipo_jax.scoring` (length buckets chosen from the data, shared prefixes, two LM-head rows).
+  (c) ipo_jax: `ipo_jax.scoring` (the planner's choice of packed rows, length buckets or shared prefixes;
+      block-causal attention; two LM-head rows at the scored positions).
 
 All three read the same token ids (paper layout, the authors' prompts, right truncation at 1024) and compute
 P(Yes); each runs in its own process (so its peak RSS is its own). "Useful" FLOPs are the same number for all
@@ -108,7 +109,7 @@ def run_jax(args) -> dict:
   seqs, _ = _sequences(model.tokenizer, args.per_subset, args.max_length)
   pairs = [(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(seqs) // 2)]
   settings = scoring.Settings(batch_tokens=args.batch_tokens, max_programs=args.max_programs,
-                              shared_prefix=not args.no_shared_prefix, progress=False)
+                              shared_prefix=not args.no_shared_prefix, packing=args.packing, progress=False)
   out = {}
   for name in ("cold", "warm"):
     scorer = scoring.Scorer(model, settings)
@@ -124,7 +125,8 @@ def run_jax(args) -> dict:
   return {"pairs": len(pairs), "seconds": out["cold"]["seconds"], "warm_seconds": out["warm"]["seconds"],
           "useful_flops": out["cold"]["useful_flops"], "executed_flops": out["cold"]["executed_flops"],
           "padding": out["cold"]["padding"], "compilations": out["cold"]["compilations"],
-          "plan": {"prefix": plan.prefix, "buckets": list(plan.buckets), "rows": list(plan.rows)},
+          "plan": {"packed": bool(plan.packed), "prefix": plan.prefix, "buckets": list(plan.buckets),
+                   "rows": list(plan.rows)},
           "p_yes": scoring.sigmoid(values[:, 0]).tolist(), "peak_rss_gb": _peak_rss_gb()}
 
 
@@ -158,6 +160,7 @@ def main() -> None:
   parser.add_argument("--batch-tokens", type=int, default=8192)
   parser.add_argument("--max-programs", type=int, default=8)
   parser.add_argument("--no-shared-prefix", action="store_true")
+  parser.add_argument("--packing", default="auto", choices=["auto", "always", "never"])
   parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
   parser.add_argument("--only", choices=["paper", "tuned", "jax"], help=argparse.SUPPRESS)  # one child process
   args = parser.parse_args()
