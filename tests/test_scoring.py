@@ -394,11 +394,36 @@ def test_batch_split_over_data_and_fsdp_gives_the_same_scores(tmp_path):
   out = tmp_path / "scores.npy"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
   subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=ROOT, check=True, timeout=300)
-  split, single = np.load(out), _id_scores(sharding.make_mesh(), shared_prefix=False)
-  np.testing.assert_allclose(scoring.sigmoid(split[:, 0]), scoring.sigmoid(single[:, 0]), atol=1e-5)
-  np.testing.assert_allclose(split[:, 1], single[:, 1], rtol=1e-5)
+  single = _id_scores(sharding.make_mesh(), "plain")
+  for split in np.load(out):  # shared-prefix and packed plans on 8 devices
+    np.testing.assert_allclose(scoring.sigmoid(split[:, 0]), scoring.sigmoid(single[:, 0]), atol=1e-5)
+    np.testing.assert_allclose(split[:, 1], single[:, 1], rtol=1e-5)
+
+
+def _id_scores(mesh, plan):
+  """Log-odds of random id pairs (sharing 6..30 leading tokens) on a small vocabulary, on `mesh`, with the
+  `plan` ("plain" buckets, "shared" prefixes or "packed" rows)."""
+  cfg = dataclasses.replace(TOY_CONFIG, vocab_size=128)
+  params = modeling.init_params(cfg, jax.random.key(1), scale=0.3)
+  model = loading.Model(config=cfg, params=jax.device_put(params, sharding.param_shardings(params, mesh)),
+                        tokenizer=None, mesh=mesh, hf_config=None, name="toy")
+  rng = np.random.default_rng(2)
+  pairs = []
+  for n in range(12):
+    prefix = rng.integers(1, 128, size=6 + 2 * n).tolist()
+    pairs.append((prefix + rng.integers(1, 128, size=3 + n).tolist(), prefix + rng.integers(1, 128, size=5).tolist()))
+  settings = scoring.Settings(max_length=128, length_multiple=8, batch_tokens=128, max_programs=3, window=8,
+                              shared_prefix=plan == "shared", prefix_length=8 if plan == "shared" else 0,
+                              packing="always" if plan == "packed" else "never", progress=False)
+  scorer = scoring.Scorer(model, settings, answers=(5, 9))
+  values = np.zeros((2 * len(pairs), 2))
+  for idx, out in scorer.score_pairs(pairs):
+    values[idx] = out
+  assert bool(scorer.last_plan.packed) == (plan == "packed") and bool(scorer.last_plan.prefix) == (plan == "shared")
+  return values
 
 
 if __name__ == "__main__":  # the 8-device side of the test above
   assert jax.device_count() == 8
-  np.save(sys.argv[1], _id_scores(sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), shared_prefix=True))
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  np.save(sys.argv[1], np.stack([_id_scores(mesh, "shared"), _id_scores(mesh, "packed")]))
