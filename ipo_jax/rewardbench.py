@@ -446,7 +446,8 @@ def run(config: Any) -> dict[str, Any]:
       scoring={"pairs_scored": len(todo), "seconds": round(scoring_time, 2),
                "pairs_per_s": round(len(todo) / scoring_time, 3) if todo else None,
                "compilations": compiled,
-               "prefix": plan.prefix if plan else None, "buckets": list(plan.buckets) if plan else None,
+               "packed": bool(plan.packed) if plan else None, "prefix": plan.prefix if plan else None,
+               "buckets": list(plan.buckets) if plan else None,
                **scorer.stats, **scoring.flop_rate(scorer.stats, scoring_time)},
       skipped_invalid=pairs.skipped, settings=run_settings, config=json.loads(config.to_json_best_effort()))
   if runtime.is_main_process():
