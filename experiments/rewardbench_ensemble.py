@@ -10,9 +10,9 @@ and the prompt search (the best candidate per subset, picked on these same pairs
 runs resume from their output directories.
 
 Local (embedded SmolLM2-135M-Instruct; the whole filtered split with the paper's prompts, 2985 pairs, about an
-hour on a 2-core CPU; the ensemble on 5 pairs per subset, 113 pairs x 10 instructions, about 25 minutes):
+hour on a 2-core CPU; the ensemble on 4 pairs per subset, 92 pairs x 10 instructions, about 20 minutes):
 
-  python experiments/rewardbench_ensemble.py --single_max_per_subset 0 --ensemble_max_per_subset 5 \\
+  python experiments/rewardbench_ensemble.py --single_max_per_subset 0 --ensemble_max_per_subset 4 \\
       --output_dir runs/rb_ensemble
 
 On an accelerator, the ensemble over the whole split:
@@ -119,7 +119,7 @@ def main() -> None:
   parser.add_argument("--model", default="embedded", help="model path or id")
   parser.add_argument("--data", default=DATA, help="RewardBench pairs: hub id, local file or shared:<path>")
   parser.add_argument("--single_max_per_subset", type=int, default=0, help="pairs per subset; 0: all")
-  parser.add_argument("--ensemble_max_per_subset", type=int, default=5, help="pairs per subset; 0: all")
+  parser.add_argument("--ensemble_max_per_subset", type=int, default=4, help="pairs per subset; 0: all")
   parser.add_argument("--output_dir", default="runs/rb_ensemble")
   args = parser.parse_args()
   report, _ = compare(args.model, args.output_dir, args.single_max_per_subset, args.ensemble_max_per_subset,
