@@ -63,10 +63,14 @@ def run_configs(model: str, output_dir: str, single_max_per_subset: int, ensembl
 
 
 def recombine(rows: list[dict], method: str) -> list[dict]:
-  """Ensemble rows with `correct` and `tie` recomputed under another combination of their candidates' scores."""
+  """Ensemble rows with `correct` and `tie` recomputed under another combination of their candidates' scores
+  (a row scored under one instruction only has no candidates and stays as it is)."""
   out = []
   for r in rows:
-    cand = r["candidates"]
+    cand = r.get("candidates")
+    if cand is None:
+      out.append(r)
+      continue
     _, key = scoring.combine(np.array([cand["log_odds_chosen"], cand["log_odds_rejected"]]), method)
     out.append({**r, "correct": bool(key[0] > key[1]), "tie": bool(key[0] == key[1])})
   return out
@@ -103,8 +107,9 @@ def compare(model: str, output_dir: str, single_max_per_subset: int, ensemble_ma
   if selected is not None:
     lines.append(f"Prompt search (best candidate per subset, chosen on these {n_ensemble} pairs): "
                  f"{100 * selected:.1f}.")
-  lines.append("Scoring time per pair (the latest invocation of each run): " + ", ".join(
-      f"{name} {t:.2f} s" for name, t in timing.items() if t is not None) + ".")
+  timed = [f"{name} {t:.2f} s" for name, t in timing.items() if t is not None]
+  if timed:
+    lines.append("Scoring time per pair (the latest invocation of each run that scored): " + ", ".join(timed) + ".")
   report = "\n".join(lines) + "\n"
   keep = ("score", "sections", "paper", "counts", "wall_time_s", "scoring", "prompt_search_selected")
   data_lib.write_json(os.path.join(output_dir, "comparison.json"),

@@ -155,6 +155,8 @@ def make_layout(settings: Settings, tokenizer: Any | None = None) -> Layout:
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+  if not texts:  # fast tokenizers fail on an empty batch
+    return []
   return tokenizer(list(texts), add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
 
 

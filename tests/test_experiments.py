@@ -85,6 +85,8 @@ def test_ensemble_recombined_by_mean_log_odds():
   assert out["correct"] is False and out["tie"] is False  # mean log-odds: 2 vs 3.5, rejected wins
   (same,) = rewardbench_ensemble.recombine([row], "mean_prob")
   assert same["correct"] is True
+  single = {"subset": "s", "id": 1, "correct": True, "tie": False}  # one instruction: nothing to recombine
+  assert rewardbench_ensemble.recombine([single], "mean_log_odds") == [single]
 
 
 @pytest.mark.parametrize("arm", ["ipo", "reward_model"])

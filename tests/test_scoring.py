@@ -280,6 +280,7 @@ def test_ensemble_combines_each_candidate(toy):
     assert r["correct"] == (probs[:, 0].mean() > probs[:, 1].mean())
     assert mean_lo[key]["score_chosen"] == pytest.approx(1 / (1 + np.exp(-lo[:, 0].mean())), abs=1e-6)
     assert mean_lo[key]["correct"] == (lo[:, 0].mean() > lo[:, 1].mean())
+  assert not list(scoring.score_rewardbench_pairs(single_scorer, [], ensemble))  # a finished run's rerun
 
 
 def test_combine():
