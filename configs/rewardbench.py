@@ -2,7 +2,7 @@
 
   python -m ipo_jax.main --config configs/rewardbench.py:demo
       embedded SmolLM2-135M-Instruct, offline data, 2 pairs per subset (46 pairs, max_length 512): 160 s of CPU
-      time (2-3 min on an idle 2-core CPU; model load 20 s, 4 compilations), prints the table.
+      time (2-3 min on an idle 2-core CPU; model load 20 s), prints the table.
   python -m ipo_jax.main --config configs/rewardbench.py:paper --config.model.path=<gguf or HF dir> \
       --config.output_dir=runs/rb_paper
       the authors' procedure exactly: their per-subset prompts, paper layout, right truncation at 1024 tokens.
@@ -15,8 +15,9 @@ Variants (combine with commas, e.g. `:ensemble,demo`): `paper` (the authors' pro
 P(Yes), plus the per-candidate prompt search), `demo` / `local` (small offline slice on the embedded model).
 No variant: paper layout with the project's own instructions, truncation that keeps the question.
 
-The full filtered split (2985 pairs, 1.7M tokens with the paper layout) takes about an hour for SmolLM2-135M on
-a 2-core CPU; an ensemble of K instructions takes K times as long.
+The full filtered split (2985 pairs, 1.7M tokens with the paper layout) took about 90 minutes for SmolLM2-135M on
+a 2-core CPU shared with other jobs (one compiled program: packed rows); an ensemble of K instructions takes
+about K times as long (experiments/rewardbench_ensemble.py compares the two).
 """
 
 import ml_collections
