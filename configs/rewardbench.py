@@ -1,8 +1,8 @@
 """RewardBench with the IPO classifier: P(Yes) of each response under a yes/no question.
 
   python -m ipo_jax.main --config configs/rewardbench.py:demo
-      embedded SmolLM2-135M-Instruct, offline data, 2 pairs per subset (46 pairs, max_length 512): 160 s of CPU
-      time (2-3 min on an idle 2-core CPU; model load 20 s), prints the table.
+      embedded SmolLM2-135M-Instruct, offline data, 2 pairs per subset (46 pairs, max_length 512): about a minute
+      on an idle 2-core CPU after set-up (model load 20 s, one compilation), prints the table.
   python -m ipo_jax.main --config configs/rewardbench.py:paper --config.model.path=<gguf or HF dir> \
       --config.output_dir=runs/rb_paper
       the authors' procedure exactly: their per-subset prompts, paper layout, right truncation at 1024 tokens.
