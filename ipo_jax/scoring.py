@@ -245,6 +245,11 @@ def head_flops(cfg: ModelConfig) -> float:
   return 2.0 * cfg.hidden_size * cfg.vocab_size
 
 
+def row_flops(cfg: ModelConfig, length: int, scored: int = 1) -> float:
+  """One cache-less row of `length` slots (block-causal attention) and the LM head at `scored` positions."""
+  return float(flops(cfg, length, modeling.attended_slots(length))) + scored * head_flops(cfg)
+
+
 def choose_buckets(lengths: Sequence[int], count: int, multiple: int, row_cost: Any,
                    bucket_cost: Any = lambda b: 0.0) -> tuple[int, ...]:
   """At most `count` bucket lengths (multiples of `multiple`) minimising the total cost.
@@ -330,8 +335,7 @@ def _packed_plan(cfg: ModelConfig, lengths: np.ndarray, settings: Settings, mult
   rows = batch_rows(capacity, settings, multiple)
   batches = pack_batches(flat, capacity, rows, settings.window)
   segments = -(-max(len(r) for b in batches for r in b) // 4) * 4
-  cost = len(batches) * rows * (float(flops(cfg, capacity, modeling.attended_slots(capacity)))
-                                + segments * head_flops(cfg))
+  cost = len(batches) * rows * row_flops(cfg, capacity, segments)
   return Plan(0, (capacity,), (rows,), cost, tuple(tuple(tuple(r) for r in b) for b in batches), segments)
 
 
@@ -387,7 +391,7 @@ def plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, setti
       total = fixed + float(cost(np.asarray(buckets)[assigned]).sum()) + sum(partial_batch(buckets[i]) for i in touched)
     else:  # exact: every batch of every bucket, filler rows included
       batches = [-(-int(n) // r) for n, r in zip(counts, rows)]
-      total = sum(k * r * (float(cost(b)) + head_flops(cfg)) for b, k, r in zip(buckets, batches, rows))
+      total = sum(k * r * row_flops(cfg, b) for b, k, r in zip(buckets, batches, rows))
     if best is None or total < best.cost:
       best = Plan(prefix, tuple(buckets), rows, float(total))
   forced = settings.buckets or (shared is not None and settings.shared_prefix and settings.prefix_length)
@@ -544,8 +548,7 @@ class Scorer:
       for k in range(start, end, rows):
         idx = order[k:min(k + rows, end)]
         ids, mask = _left_pad([seqs[i] for i in idx], rows, bucket, self.pad_id)
-        self._count(rows * bucket, (flops(self.cfg, bucket, modeling.attended_slots(bucket))
-                                    + head_flops(self.cfg)) * rows)
+        self._count(rows * bucket, row_flops(self.cfg, bucket) * rows)
         self.shapes.add(("plain", rows, bucket))
         yield np.array(idx), None, lambda ids=ids, mask=mask: _score_plain(
             self.model.params, self._put(ids), self._put(mask), self._answers(), cfg=self.cfg)
@@ -605,8 +608,7 @@ class Scorer:
           ends[r, k] = start - 1
           idx.append(i)
           slots.append(r * p.segments + k)
-      self._count(rows * capacity, (flops(self.cfg, capacity, modeling.attended_slots(capacity))
-                                    + p.segments * head_flops(self.cfg)) * rows)
+      self._count(rows * capacity, row_flops(self.cfg, capacity, p.segments) * rows)
       self.shapes.add(("packed", rows, capacity))
       yield np.array(idx), np.array(slots), lambda ids=ids, segments=segments, ends=ends: _score_packed(
           self.model.params, self._put(ids), self._put(segments), self._put(ends), self._answers(), cfg=self.cfg)

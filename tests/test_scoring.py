@@ -372,25 +372,6 @@ def test_paper_scorer_matches_hf_pytorch_on_rewardbench_rows(smollm):
 # The batch split over (data, fsdp) on 8 emulated devices.
 
 
-def _id_scores(mesh, shared_prefix):
-  """Log-odds of random id pairs (sharing 6..30 leading tokens) on a small vocabulary, on `mesh`."""
-  cfg = dataclasses.replace(TOY_CONFIG, vocab_size=128)
-  params = modeling.init_params(cfg, jax.random.key(1), scale=0.3)
-  model = loading.Model(config=cfg, params=jax.device_put(params, sharding.param_shardings(params, mesh)),
-                        tokenizer=None, mesh=mesh, hf_config=None, name="toy")
-  rng = np.random.default_rng(2)
-  pairs = []
-  for n in range(12):
-    prefix = rng.integers(1, 128, size=6 + 2 * n).tolist()
-    pairs.append((prefix + rng.integers(1, 128, size=3 + n).tolist(), prefix + rng.integers(1, 128, size=5).tolist()))
-  settings = scoring.Settings(max_length=128, length_multiple=8, batch_tokens=128, max_programs=3, window=8,
-                              shared_prefix=shared_prefix, prefix_length=8 if shared_prefix else 0, progress=False)
-  values = np.zeros((2 * len(pairs), 2))
-  for idx, out in scoring.Scorer(model, settings, answers=(5, 9)).score_pairs(pairs):
-    values[idx] = out
-  return values
-
-
 def test_batch_split_over_data_and_fsdp_gives_the_same_scores(tmp_path):
   out = tmp_path / "scores.npy"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
