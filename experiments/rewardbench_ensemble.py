@@ -50,11 +50,12 @@ def _config(arg: str):
 
 
 def run_configs(model: str, output_dir: str, single_max_per_subset: int, ensemble_max_per_subset: int,
-                data: str = DATA):
-  """(single-instruction config, ensemble config): same model, data, layout and truncation."""
+                data: str = DATA, dtype: str = "float32"):
+  """(single-instruction config, ensemble config): same model, dtype, data, layout and truncation."""
   configs = {"single": _config("paper"), "ensemble": _config("paper,ensemble")}
   for name, c in configs.items():
     c.model.path = model
+    c.model.dtype = dtype
     c.data.path = data
     c.output_dir = os.path.join(output_dir, name)
   configs["single"].data.max_per_subset = single_max_per_subset
@@ -82,10 +83,10 @@ def seconds_per_pair(summary: dict) -> float | None:
 
 
 def compare(model: str, output_dir: str, single_max_per_subset: int, ensemble_max_per_subset: int,
-            data: str = DATA) -> tuple[str, dict]:
+            data: str = DATA, dtype: str = "float32") -> tuple[str, dict]:
   """Runs both and returns the Markdown report and the summaries by column name."""
   single_config, ensemble_config = run_configs(model, output_dir, single_max_per_subset, ensemble_max_per_subset,
-                                               data)
+                                               data, dtype)
   single = rewardbench.run(single_config)
   ensemble = rewardbench.run(ensemble_config)
   keys = {rewardbench.pair_key(p) for p in rewardbench.load_pairs(ensemble_config.data)}
@@ -125,10 +126,11 @@ def main() -> None:
   parser.add_argument("--data", default=DATA, help="RewardBench pairs: hub id, local file or shared:<path>")
   parser.add_argument("--single_max_per_subset", type=int, default=0, help="pairs per subset; 0: all")
   parser.add_argument("--ensemble_max_per_subset", type=int, default=4, help="pairs per subset; 0: all")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and activations")
   parser.add_argument("--output_dir", default="runs/rb_ensemble")
   args = parser.parse_args()
   report, _ = compare(args.model, args.output_dir, args.single_max_per_subset, args.ensemble_max_per_subset,
-                      args.data)
+                      args.data, args.dtype)
   print(report)
 
 

@@ -75,6 +75,11 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def _dense(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+  """A projection accumulated in fp32 and returned in x's dtype (on CPU also the fast bf16 GEMM path)."""
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
   return jax.nn.silu(x) if cfg.hidden_act == "silu" else jax.nn.gelu(x, approximate=True)
 
@@ -127,24 +132,27 @@ def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
     return jnp.concatenate([_attention(cfg, q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e])
                             for a, e in query_blocks(q.shape[1])], axis=1)
   b, t, h, dh = q.shape
-  groups = h // cfg.num_kv_heads
-  q = q.reshape(b, t, cfg.num_kv_heads, groups, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.attn_scale
+  kv_heads = cfg.num_kv_heads
+  groups = h // kv_heads
+  # One batched GEMM per (row, KV head): the query heads sharing a KV head are folded into the query axis.
+  q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * groups, dh)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * cfg.attn_scale
   if cfg.attn_softcap:
     scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-  scores = jnp.where(mask[:, None, None], scores, _NEG)
+  scores = jnp.where(jnp.repeat(mask, groups, axis=1)[:, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-  return out.astype(v.dtype).reshape(b, t, h * dh)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+  return out.reshape(b, kv_heads, t, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
 
 
 def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, cache_kv):
   """One decoder layer; returns the new hidden state and this layer's (k, v) as stored."""
   b, t, _ = h.shape
   x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
-  q = jnp.einsum("btd,de->bte", x, p["q"])
-  k = jnp.einsum("btd,de->bte", x, p["k"])
-  v = jnp.einsum("btd,de->bte", x, p["v"])
+  q = _dense(x, p["q"], "btd,de->bte")
+  k = _dense(x, p["k"], "btd,de->bte")
+  v = _dense(x, p["v"], "btd,de->bte")
   if cfg.qkv_bias:
     q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
   q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -163,17 +171,17 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
     cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, start, 0, 0))
     k, v = ck[layer], cv[layer]
   attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window), causal_blocks=cache_kv is None)
-  attn = jnp.einsum("bte,ed->btd", attn, p["o"])
+  attn = _dense(attn, p["o"], "bte,ed->btd")
   if cfg.o_bias:
     attn = attn + p["o_bias"]
   if cfg.post_norms:
     attn = rms_norm(attn, p["attn_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   h = h + attn
   x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
-  gate = jnp.einsum("btd,df->btf", x, p["gate"])
-  up = jnp.einsum("btd,df->btf", x, p["up"])
+  gate = _dense(x, p["gate"], "btd,df->btf")
+  up = _dense(x, p["up"], "btd,df->btf")
   mlp = constrain(_activation(cfg, gate) * up, P(BATCH, None, "tensor"))
-  mlp = jnp.einsum("btf,fd->btd", mlp, p["down"])
+  mlp = _dense(mlp, p["down"], "btf,fd->btd")
   if cfg.post_norms:
     mlp = rms_norm(mlp, p["mlp_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   h = constrain(h + mlp, P(BATCH, None, None))

@@ -2,6 +2,7 @@
 
   python experiments/bench/scoring.py                          # 2 pairs per subset (46 pairs, 92 sequences)
   python experiments/bench/scoring.py --per-subset 1 --model embedded
+  python experiments/bench/scoring.py --bf16      # adds tuned HF and ipo_jax in bfloat16 (fp32 accumulation)
 
   (a) paper:  transformers fp32 on CPU, one sequence at a time, logits at every position (as the authors' code).
   (b) tuned:  transformers fp32, sequences sorted by length, left-padded batches, `logits_to_keep=1`.
@@ -12,7 +13,7 @@ All three read the same token ids (paper layout, the authors' prompts, right tru
 P(Yes); each runs in its own process (so its peak RSS is its own). "Useful" FLOPs are the same number for all
 three: the forward pass over every real token with causal attention, plus the LM head at the one scored
 position; ipo_jax is timed including its compilations (first pass) and again warm (second pass). The GEMM peak is
-the best fp32 matmul rate of torch and XLA measured in this run.
+the best matmul rate of torch and XLA measured in this run, in the row's dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+RUNS = ("paper", "tuned", "jax", "tuned_bf16", "jax_bf16")
 
 
 def _peak_rss_gb() -> float:
@@ -57,7 +61,7 @@ def _answers(tokenizer) -> tuple[int, int]:
   return scoring.answer_ids(tokenizer, scoring.make_layout(scoring.Settings()))
 
 
-def run_hf(args, tuned: bool) -> dict:
+def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
   import torch
   import transformers
   from ipo_jax import loading, tokenizer as tokenizer_lib
@@ -67,7 +71,7 @@ def run_hf(args, tuned: bool) -> dict:
   path = loading.resolve_model_path(args.model)
   kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
   directory = os.path.dirname(path) if path.endswith(".gguf") else path
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), **kwargs).eval()
   tokenizer = tokenizer_lib.load_tokenizer(path)
   seqs, _ = _sequences(tokenizer, args.per_subset, args.max_length)
   yes, no = _answers(tokenizer)
@@ -103,9 +107,9 @@ def run_hf(args, tuned: bool) -> dict:
           "p_yes": p_yes.tolist(), "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
 
 
-def run_jax(args) -> dict:
+def run_jax(args, dtype: str = "float32") -> dict:
   from ipo_jax import loading, scoring
-  model = loading.load_model(args.model)
+  model = loading.load_model(args.model, dtype=dtype)
   seqs, _ = _sequences(model.tokenizer, args.per_subset, args.max_length)
   pairs = [(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(seqs) // 2)]
   settings = scoring.Settings(batch_tokens=args.batch_tokens, max_programs=args.max_programs,
@@ -130,20 +134,20 @@ def run_jax(args) -> dict:
           "p_yes": scoring.sigmoid(values[:, 0]).tolist(), "peak_rss_gb": _peak_rss_gb()}
 
 
-def gemm_peak(n: int = 2048, repeats: int = 5) -> dict:
-  """Best fp32 GEMM GFLOP/s of torch and XLA on this machine right now."""
+def gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> dict:
+  """Best GEMM GFLOP/s of torch and XLA on this machine right now (inputs in `dtype`, fp32 accumulation)."""
   import jax
   import jax.numpy as jnp
   import torch
   out = {}
-  a = torch.randn(n, n)
+  a = torch.randn(n, n, dtype=getattr(torch, dtype))
   a @ a
   start = time.perf_counter()
   for _ in range(repeats):
     a @ a
   out["torch"] = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-  x = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+  x = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   f(x).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):
@@ -162,42 +166,57 @@ def main() -> None:
   parser.add_argument("--no-shared-prefix", action="store_true")
   parser.add_argument("--packing", default="auto", choices=["auto", "always", "never"])
   parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
-  parser.add_argument("--only", choices=["paper", "tuned", "jax"], help=argparse.SUPPRESS)  # one child process
+  parser.add_argument("--bf16", action="store_true", help="also (b) and (c) in bfloat16")
+  parser.add_argument("--only", choices=RUNS, help=argparse.SUPPRESS)  # one child process
   args = parser.parse_args()
   if args.only:
-    result = run_jax(args) if args.only == "jax" else run_hf(args, tuned=args.only == "tuned")
+    dtype = "bfloat16" if args.only.endswith("_bf16") else "float32"
+    kind = args.only.removesuffix("_bf16")
+    result = run_jax(args, dtype) if kind == "jax" else run_hf(args, tuned=kind == "tuned", dtype=dtype)
     print("RESULT " + json.dumps(result))
     return
 
-  peak = gemm_peak()
+  names = RUNS if args.bf16 else RUNS[:3]
+  peaks = {dtype: gemm_peak(dtype) for dtype in ("float32", "bfloat16")[:1 + args.bf16]}
   results = {}
-  for name in ("paper", "tuned", "jax"):
+  for name in names:
     cmd = [sys.executable, os.path.abspath(__file__), "--only", name] + sys.argv[1:]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
       sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
     results[name] = json.loads(lines[-1][len("RESULT "):])
-  best_peak = max(peak.values())
-  print(f"GEMM peak (fp32, 2048^3): torch {peak['torch']:.0f} GFLOP/s, XLA {peak['xla']:.0f} GFLOP/s")
-  a, b, c = results["paper"], results["tuned"], results["jax"]
+  for dtype, peak in peaks.items():
+    print(f"GEMM peak ({dtype}, 2048^3): torch {peak['torch']:.0f} GFLOP/s, XLA {peak['xla']:.0f} GFLOP/s")
+  a, b = results["paper"], results["tuned"]
   print(f"{a['pairs']} pairs ({args.per_subset} per subset), model {args.model}\n")
-  print(f"{'':26}{'pairs/s':>9}{'useful GFLOP/s':>16}{'% of peak':>11}{'peak RSS GB':>13}")
-  rows = [("(a) paper, HF torch", a["seconds"], a), ("(b) tuned HF torch", b["seconds"], b),
-          ("(c) ipo_jax (cold)", c["seconds"], c), ("(c) ipo_jax (warm)", c["warm_seconds"], c)]
-  for label, seconds, r in rows:
-    useful = r["useful_flops"] / seconds / 1e9
-    print(f"{label:26}{r['pairs'] / seconds:9.3f}{useful:16.1f}{100 * useful / best_peak:10.0f}%"
-          f"{r['peak_rss_gb']:13.2f}")
+  print(f"{'':30}{'pairs/s':>9}{'useful GFLOP/s':>16}{'% of peak':>11}{'peak RSS GB':>13}")
+  rows = [("(a) paper, HF torch", "paper", "seconds"), ("(b) tuned HF torch", "tuned", "seconds"),
+          ("(c) ipo_jax (cold)", "jax", "seconds"), ("(c) ipo_jax (warm)", "jax", "warm_seconds"),
+          ("(b) tuned HF torch, bf16", "tuned_bf16", "seconds"), ("(c) ipo_jax, bf16 (warm)", "jax_bf16", "warm_seconds")]
+  for label, name, timing in rows:
+    if name in results:
+      r = results[name]
+      useful = r["useful_flops"] / r[timing] / 1e9
+      peak = max(peaks["bfloat16" if name.endswith("_bf16") else "float32"].values())
+      print(f"{label:30}{r['pairs'] / r[timing]:9.3f}{useful:16.1f}{100 * useful / peak:10.0f}%{r['peak_rss_gb']:13.2f}")
+  c = results["jax"]
   print(f"\nspeed-up of (c) cold / warm: {a['seconds'] / c['seconds']:.2f}x / {a['seconds'] / c['warm_seconds']:.2f}x "
         f"over (a), {b['seconds'] / c['seconds']:.2f}x / {b['seconds'] / c['warm_seconds']:.2f}x over (b); "
         f"(b) over (a): {a['seconds'] / b['seconds']:.2f}x")
+  if args.bf16:
+    cb, bb = results["jax_bf16"], results["tuned_bf16"]
+    print(f"bf16, warm: (c) {a['seconds'] / cb['warm_seconds']:.2f}x over (a), {bb['seconds'] / cb['warm_seconds']:.2f}x "
+          f"over (b) in bf16, {c['warm_seconds'] / cb['warm_seconds']:.2f}x over (c) in fp32")
   print(f"(c): {c['compilations']} XLA compilations, plan {c['plan']}, padding {100 * c['padding']:.0f}% of "
         f"processed tokens, executed {c['executed_flops'] / c['warm_seconds'] / 1e9:.1f} GFLOP/s warm "
         f"({c['executed_flops'] / c['useful_flops']:.2f}x the useful FLOPs)")
-  diff = np.abs(np.array(a["p_yes"]) - np.array(c["p_yes"])).max()
-  print(f"max |P(Yes) (a) - (c)| = {diff:.2e}; (b) - (a) = "
-        f"{np.abs(np.array(a['p_yes']) - np.array(b['p_yes'])).max():.2e}")
+  p_yes = {name: np.array(r["p_yes"]) for name, r in results.items()}
+  print("max |P(Yes) - (a)|: " + ", ".join(f"{name} {np.abs(p - p_yes['paper']).max():.2e}"
+                                           for name, p in p_yes.items() if name != "paper"))
+  agree = {name: float(np.mean((p[0::2] > p[1::2]) == (p_yes["paper"][0::2] > p_yes["paper"][1::2])))
+           for name, p in p_yes.items() if name != "paper"}
+  print("pairs decided as (a) decides them: " + ", ".join(f"{name} {100 * v:.0f}%" for name, v in agree.items()))
 
 
 if __name__ == "__main__":
