@@ -47,7 +47,8 @@ def get_config(arg=None):
   config.scoring.truncation = "keep_question"  # keep_question: cut the response, then the prompt | paper: right
   config.scoring.ensemble = "mean_prob"  # how several instructions per subset combine: mean_prob | mean_log_odds
   # Speed: length buckets chosen from the data, at most max_programs compiled programs.
-  config.scoring.batch_tokens = 8192  # tokens per batch (rows = batch_tokens // bucket length, <= max_batch)
+  config.scoring.batch_tokens = 0  # tokens per batch (rows = batch_tokens // bucket length, <= max_batch);
+  # 0: 2048 on CPU (activations stay in cache), 8192 on an accelerator
   config.scoring.max_batch = 64
   config.scoring.max_programs = 8
   config.scoring.length_multiple = 32  # bucket lengths are multiples of this

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The IPO reading (labels of the `ipo` arm, categories, the evaluation judge); fields as in configs/rewardbench.py.
   c.scoring = dict(layout="paper", template="", prompts_file="", yes="", no="", max_length=1024,
-                   truncation="keep_question", batch_tokens=8192, max_batch=64, max_programs=8, progress=False)
+                   truncation="keep_question", batch_tokens=0, max_batch=64, max_programs=8, progress=False)
 
   # The 5-point judge of the `self_reward` arm (fields as in configs/rewardbench_self_reward.py).
   c.self_reward = dict(prompt_file="", chat_template=True, max_prompt_tokens=2048, truncation="keep_question",

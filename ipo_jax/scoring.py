@@ -67,7 +67,7 @@ class Settings:
   no: str = ""
   max_length: int = 1024
   truncation: str = "keep_question"
-  batch_tokens: int = 8192
+  batch_tokens: int = 0
   max_batch: int = 64
   max_programs: int = 8
   length_multiple: int = 32
@@ -89,12 +89,17 @@ class Settings:
         (self.max_length > 1, f"scoring.max_length must be > 1, got {self.max_length}"),
         (self.max_programs >= 2, f"scoring.max_programs must be >= 2, got {self.max_programs}"),
         (self.length_multiple >= 1, "scoring.length_multiple must be >= 1"),
-        (self.batch_tokens >= self.length_multiple, "scoring.batch_tokens must be >= scoring.length_multiple"),
+        (self.batch_tokens == 0 or self.batch_tokens >= self.length_multiple,
+         "scoring.batch_tokens must be 0 (the backend's default) or >= scoring.length_multiple"),
         (len(self.buckets) <= self.max_programs, "scoring.buckets has more entries than scoring.max_programs"),
     ]
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
+
+  def tokens_per_batch(self) -> int:
+    """`batch_tokens`, or when 0: 2048 on CPU (a batch's activations stay in cache), 8192 on an accelerator."""
+    return self.batch_tokens or (2048 if jax.default_backend() == "cpu" else 8192)
 
   @classmethod
   def from_config(cls, scoring: Any) -> "Settings":
@@ -281,7 +286,7 @@ def choose_buckets(lengths: Sequence[int], count: int, multiple: int, row_cost: 
 
 def batch_rows(bucket: int, settings: Settings, multiple: int) -> int:
   """Rows per batch of a bucket: about `batch_tokens` tokens, at most `max_batch`, a multiple of the mesh split."""
-  rows = min(settings.max_batch, max(1, settings.batch_tokens // bucket))
+  rows = min(settings.max_batch, max(1, settings.tokens_per_batch() // bucket))
   return max(multiple, rows // multiple * multiple)
 
 
@@ -369,7 +374,7 @@ def plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, setti
       return flops(cfg, length, np.vectorize(modeling.attended_slots)(length))
 
     def partial_batch(length):  # a bucket's last batch is half filler rows on average
-      return cost(length) * settings.batch_tokens // (2 * length)
+      return cost(length) * settings.tokens_per_batch() // (2 * length)
 
     buckets = settings.buckets or choose_buckets(cont, count, mult, cost, partial_batch)
     if max(cont) > buckets[-1]:

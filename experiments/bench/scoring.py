@@ -86,7 +86,7 @@ def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
     else:
       batches, current = [], []
       for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])):
-        if current and (len(current) + 1) * len(seqs[i]) > args.batch_tokens:
+        if current and (len(current) + 1) * len(seqs[i]) > (args.batch_tokens or 2048):
           batches.append(current)
           current = []
         current.append(i)
@@ -161,7 +161,7 @@ def main() -> None:
   parser.add_argument("--model", default="embedded")
   parser.add_argument("--per-subset", type=int, default=2)
   parser.add_argument("--max-length", type=int, default=1024)
-  parser.add_argument("--batch-tokens", type=int, default=8192)
+  parser.add_argument("--batch-tokens", type=int, default=0, help="0: ipo_jax's default for the backend")
   parser.add_argument("--max-programs", type=int, default=8)
   parser.add_argument("--no-shared-prefix", action="store_true")
   parser.add_argument("--packing", default="auto", choices=["auto", "always", "never"])
