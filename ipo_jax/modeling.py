@@ -92,12 +92,28 @@ def positions_from_mask(attention_mask: jax.Array, start: jax.Array | None = Non
   return jnp.maximum(pos, 0)
 
 
-def segment_positions(segment_ids: jax.Array) -> jax.Array:
-  """Position of each token within its segment of a packed row (segments are contiguous runs of one id)."""
-  t = segment_ids.shape[1]
-  index = jnp.arange(t, dtype=jnp.int32)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+def _run_starts(ids: jax.Array) -> jax.Array:
+  return jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
+
+
+def _since_start(values: jax.Array, starts: jax.Array) -> jax.Array:
+  """Inclusive running sum of `values` [B, T] (non-negative) restarted at each `starts`."""
+  total = jnp.cumsum(values, axis=1)
+  return total - jax.lax.cummax(jnp.where(starts, total - values, 0), axis=1)
+
+
+def segment_positions(segment_ids: jax.Array, branch_ids: jax.Array | None = None) -> jax.Array:
+  """Position of each token within its segment of a packed row (segments are contiguous runs of one id).
+
+  With `branch_ids`, a segment is its shared start (branch 0) followed by branches 1, 2, ... that each continue
+  from the end of the shared start."""
+  starts = _run_starts(segment_ids)
+  ones = jnp.ones_like(segment_ids)
+  if branch_ids is None:
+    return _since_start(ones, starts) - 1
+  shared = _since_start((branch_ids == 0).astype(segment_ids.dtype), starts)
+  in_branch = _since_start(ones, starts | _run_starts(branch_ids)) - 1
+  return jnp.where(branch_ids == 0, in_branch, shared + in_branch)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
@@ -207,24 +223,30 @@ def forward(
     cache: Cache | None = None,
     *,
     segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
     remat: bool = False,
 ) -> tuple[jax.Array, Cache | None]:
   """Final hidden states [B, T, D] (after the final norm) and the updated cache (None without one).
 
   `segment_ids` [B, T] (instead of `attention_mask`, without a cache): packed rows of several sequences, numbered
   1, 2, ... with 0 for padding; a token attends only within its own segment, and positions restart at each one.
+  `branch_ids` [B, T] (with `segment_ids`): sequences that share a start packed as one segment, the start once
+  (branch 0) then each sequence's own tokens (branches 1, 2, ...); a token attends to the start and its own branch.
   """
   b, t = input_ids.shape
   if segment_ids is not None:
     if cache is not None or attention_mask is not None:
       raise ValueError("segment_ids replace attention_mask and take no cache")
     attention_mask = segment_ids > 0
+  elif branch_ids is not None:
+    raise ValueError("branch_ids need segment_ids")
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
   mask = attention_mask.astype(bool)
   q_slot = jnp.arange(t, dtype=jnp.int32)
   if cache is None:
-    positions = positions_from_mask(attention_mask) if segment_ids is None else segment_positions(segment_ids)
+    positions = (positions_from_mask(attention_mask) if segment_ids is None
+                 else segment_positions(segment_ids, branch_ids))
     kv_valid, kv_pos, kv_slot = mask, positions, q_slot
   else:
     start = cache["length"]
@@ -236,6 +258,8 @@ def forward(
   causal = kv_valid[:, None, :] & (kv_slot[None, None, :] <= q_slot[None, :, None])
   if segment_ids is not None:
     causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  if branch_ids is not None:
+    causal = causal & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
   distance = positions[:, :, None] - kv_pos[:, None, :]
 
   def kv_mask(window):

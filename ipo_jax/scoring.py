@@ -26,8 +26,9 @@ padded FLOPs) under a budget of `max_programs` compiled programs, rows sorted by
 batch); the planner uses it when its FLOP model says it saves work, and the scores equal the plain ones to 1e-5.
 With `packing` ("auto": when the FLOP model says it saves work; "always"; "never"), sequences are instead packed
 first-fit into rows as long as the longest one (segments attend only within themselves, positions restart, each
-segment's last position is scored): no padding and one compiled program, at the price of attention over the
-longer rows. Cache-less attention is block-causal (`modeling.QUERY_BLOCK`), which the FLOP model counts.
+sequence's last position is scored): no padding and one compiled program, at the price of attention over the
+longer rows; with `shared_prefix` a pair that fits in a row is one segment, its shared start once and then both
+continuations, each attending to the start and to itself. Cache-less attention is block-causal (`modeling.QUERY_BLOCK`), which the FLOP model counts.
 """
 
 from __future__ import annotations
@@ -299,8 +300,8 @@ class Plan:
   buckets: tuple[int, ...]
   rows: tuple[int, ...]
   cost: float
-  packed: tuple[tuple[tuple[int, ...], ...], ...] = ()
-  segments: int = 0
+  packed: tuple[tuple[tuple[tuple[int, ...], ...], ...], ...] = ()  # batches > rows > segments > sequences
+  scored: int = 0  # scored positions per packed row
 
 
 def first_fit(lengths: Sequence[int], indices: Sequence[int], capacity: int) -> list[list[int]]:
@@ -333,15 +334,32 @@ def pack_batches(lengths: Sequence[int], capacity: int, rows_per_batch: int, win
   return batches
 
 
-def _packed_plan(cfg: ModelConfig, lengths: np.ndarray, settings: Settings, multiple: int) -> Plan:
-  flat = lengths.reshape(-1)
+def packing_units(lengths: np.ndarray, shared: np.ndarray | None, capacity: int
+                  ) -> tuple[list[tuple[int, ...]], np.ndarray]:
+  """The segments to pack and their lengths: a pair whose sequences share a start and fit in `capacity` together
+  is one segment (the start once, then each continuation), any other sequence is a segment of its own."""
+  units, sizes = [], []
+  for p, (a, b) in enumerate(lengths):
+    if shared is not None and shared[p] and a + b - shared[p] <= capacity:
+      units.append((2 * p, 2 * p + 1))
+      sizes.append(a + b - shared[p])
+    else:
+      units += [(2 * p,), (2 * p + 1,)]
+      sizes += [a, b]
+  return units, np.array(sizes)
+
+
+def _packed_plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, settings: Settings,
+                 multiple: int) -> Plan:
   mult = settings.length_multiple
-  capacity = int(-(-flat.max() // mult) * mult)
+  capacity = int(-(-lengths.max() // mult) * mult)
   rows = batch_rows(capacity, settings, multiple)
-  batches = pack_batches(flat, capacity, rows, settings.window)
-  segments = -(-max(len(r) for b in batches for r in b) // 4) * 4
-  cost = len(batches) * rows * row_flops(cfg, capacity, segments)
-  return Plan(0, (capacity,), (rows,), cost, tuple(tuple(tuple(r) for r in b) for b in batches), segments)
+  units, sizes = packing_units(lengths, shared, capacity)
+  batches = [[[units[u] for u in row] for row in batch]
+             for batch in pack_batches(sizes, capacity, rows, settings.window)]
+  scored = -(-max(sum(map(len, row)) for batch in batches for row in batch) // 4) * 4
+  cost = len(batches) * rows * row_flops(cfg, capacity, scored)
+  return Plan(0, (capacity,), (rows,), cost, tuple(tuple(tuple(row) for row in b) for b in batches), scored)
 
 
 def plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, settings: Settings,
@@ -401,7 +419,7 @@ def plan(cfg: ModelConfig, lengths: np.ndarray, shared: np.ndarray | None, setti
       best = Plan(prefix, tuple(buckets), rows, float(total))
   forced = settings.buckets or (shared is not None and settings.shared_prefix and settings.prefix_length)
   if settings.packing == "always" or (settings.packing == "auto" and not forced):
-    packed = _packed_plan(cfg, lengths, settings, multiple)
+    packed = _packed_plan(cfg, lengths, shared, settings, multiple)
     if settings.packing == "always" or packed.cost < best.cost:
       best = packed
   return best
@@ -457,9 +475,9 @@ def _score_continuation(params, cache, rows, ids, mask, answers, *, cfg):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _score_packed(params, ids, segments, ends, answers, *, cfg):
-  """Packed rows: `ends` [B, M] the last position of each segment (padding slots point anywhere)."""
-  hidden, _ = modeling.forward(params, cfg, ids, segment_ids=segments)
+def _score_packed(params, ids, segments, branches, ends, answers, *, cfg):
+  """Packed rows: `ends` [B, M] the last position of each sequence (padding slots point anywhere)."""
+  hidden, _ = modeling.forward(params, cfg, ids, segment_ids=segments, branch_ids=branches)
   last = jnp.take_along_axis(hidden, ends[:, :, None], axis=1)
   return _yes_no(params, cfg, last.reshape(-1, last.shape[-1]), answers)
 
@@ -538,7 +556,7 @@ class Scorer:
     useful = flops(self.cfg, lengths, (lengths + 1) / 2).sum() + head_flops(self.cfg) * len(seqs)  # causal
     self.stats["useful_flops"] += float(useful)
     if p.packed:
-      steps = self._packed_steps(seqs, p)
+      steps = self._packed_steps(seqs, shared, p)
     else:
       steps = self._shared_steps(seqs, shared, p) if p.prefix else self._plain_steps(seqs, p)
     yield from self._run(steps, len(seqs))
@@ -596,27 +614,37 @@ class Scorer:
           yield seq_idx, None, step
         start = end
 
-  def _packed_steps(self, seqs, p: Plan):
-    """Batches of packed rows; each step's outputs are the [rows * segments] slots, read back at `slots`."""
+  def _packed_steps(self, seqs, shared, p: Plan):
+    """Batches of packed rows; each step's outputs are the [rows * scored] slots, read back at `slots`. A segment
+    of a pair holds the shared start (branch 0), then the chosen (1) and the rejected (2) continuations."""
     capacity, rows = p.buckets[0], p.rows[0]
     for batch in p.packed:
       ids = np.full((rows, capacity), self.pad_id, np.int32)
       segments = np.zeros((rows, capacity), np.int32)
-      ends = np.zeros((rows, p.segments), np.int32)
+      branches = np.zeros((rows, capacity), np.int32)
+      ends = np.zeros((rows, p.scored), np.int32)
       idx, slots = [], []
       for r, row in enumerate(batch):
-        start = 0
-        for k, i in enumerate(row):
-          ids[r, start:start + len(seqs[i])] = seqs[i]
-          segments[r, start:start + len(seqs[i])] = k + 1
-          start += len(seqs[i])
-          ends[r, k] = start - 1
-          idx.append(i)
-          slots.append(r * p.segments + k)
-      self._count(rows * capacity, row_flops(self.cfg, capacity, p.segments) * rows)
+        start, scored = 0, 0
+        for k, unit in enumerate(row):
+          cut = int(shared[unit[0] // 2]) if len(unit) > 1 else 0
+          pieces = [(seqs[unit[0]][:cut], 0, None)]
+          pieces += [(seqs[i][cut:], branch, i) for branch, i in enumerate(unit, start=len(unit) > 1)]
+          for tokens, branch, i in pieces:
+            ids[r, start:start + len(tokens)] = tokens
+            segments[r, start:start + len(tokens)] = k + 1
+            branches[r, start:start + len(tokens)] = branch
+            start += len(tokens)
+            if i is not None:
+              ends[r, scored] = start - 1
+              slots.append(r * p.scored + scored)
+              idx.append(i)
+              scored += 1
+      self._count(rows * capacity, row_flops(self.cfg, capacity, p.scored) * rows)
       self.shapes.add(("packed", rows, capacity))
-      yield np.array(idx), np.array(slots), lambda ids=ids, segments=segments, ends=ends: _score_packed(
-          self.model.params, self._put(ids), self._put(segments), self._put(ends), self._answers(), cfg=self.cfg)
+      yield np.array(idx), np.array(slots), lambda ids=ids, segments=segments, branches=branches, ends=ends: (
+          _score_packed(self.model.params, self._put(ids), self._put(segments), self._put(branches), self._put(ends),
+                        self._answers(), cfg=self.cfg))
 
   def _replicate(self, x: np.ndarray) -> jax.Array:
     return sharding.to_global(np.asarray(x, np.int32), sharding.replicated(self.mesh))

@@ -114,3 +114,23 @@ def test_packed_segments_equal_separate_rows(params, monkeypatch):
     start += len(s)
   with pytest.raises(ValueError, match="segment_ids"):
     modeling.forward(params, CFG, jnp.asarray(ids), jnp.asarray(segments > 0), segment_ids=jnp.asarray(segments))
+
+
+def test_branches_continue_a_shared_start(params, monkeypatch):
+  """A segment holding a shared start once and then two continuations gives each sequence's own states."""
+  monkeypatch.setattr(modeling, "QUERY_BLOCK", 8)
+  rng = np.random.default_rng(4)
+  start, first, second, other = (rng.integers(1, 50, n) for n in (6, 4, 7, 5))
+  ids = np.concatenate([other, start, first, second, np.zeros(3, np.int64)])[None]
+  segments = np.array([1] * 5 + [2] * 17 + [0] * 3)[None]
+  branches = np.array([0] * 5 + [0] * 6 + [1] * 4 + [2] * 7 + [0] * 3)[None]
+  np.testing.assert_array_equal(
+      modeling.segment_positions(jnp.asarray(segments), jnp.asarray(branches))[0, :22],
+      np.concatenate([np.arange(5), np.arange(10), np.arange(6, 13)]))
+  packed = np.asarray(modeling.forward(params, CFG, jnp.asarray(ids), segment_ids=jnp.asarray(segments),
+                                       branch_ids=jnp.asarray(branches))[0])[0]
+  for seq, rows in ((other, np.r_[0:5]), (np.r_[start, first], np.r_[5:15]), (np.r_[start, second], np.r_[5:11, 15:22])):
+    alone = np.asarray(modeling.forward(params, CFG, jnp.asarray(seq[None]))[0])[0]
+    np.testing.assert_allclose(packed[rows], alone, atol=1e-5)
+  with pytest.raises(ValueError, match="branch_ids need segment_ids"):
+    modeling.forward(params, CFG, jnp.asarray(ids), branch_ids=jnp.asarray(branches))

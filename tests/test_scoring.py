@@ -211,14 +211,19 @@ def test_shared_prefix_equals_plain_and_compilations_are_bounded(toy):
   plain = scoring.Scorer(toy, scoring.Settings(shared_prefix=False, packing="never", **common))
   shared = scoring.Scorer(toy, scoring.Settings(prefix_length=32, window=8, packing="never", **common))
   packed = scoring.Scorer(toy, scoring.Settings(packing="always", window=5, **common))
+  packed_apart = scoring.Scorer(toy, scoring.Settings(packing="always", shared_prefix=False, window=5, **common))
   compiled = [scoring.num_compilations()]
   results = []
-  for scorer in (plain, shared, packed):
+  for scorer in (plain, shared, packed, packed_apart):
     results.append(_results(scorer, rows, ps))
     compiled.append(scoring.num_compilations())
   a = results[0]
   assert shared.last_plan.prefix == 32 and plain.last_plan.prefix == 0 and not plain.last_plan.packed
   assert packed.last_plan.packed and packed.last_plan.prefix == 0
+  pair_segments = [u for b in packed.last_plan.packed for row in b for u in row if len(u) == 2]
+  assert len(pair_segments) >= len(rows) // 2  # most pairs packed as one segment: their shared start once
+  assert all(len(u) == 1 for b in packed_apart.last_plan.packed for row in b for u in row)
+  assert packed.stats["padded_tokens"] < packed_apart.stats["padded_tokens"]
   for b in results[1:]:
     assert a.keys() == b.keys() == {(r["subset"], r["id"]) for r in rows}
     for key in a:
@@ -228,8 +233,9 @@ def test_shared_prefix_equals_plain_and_compilations_are_bounded(toy):
   assert compiled[1] - compiled[0] <= plain.num_programs == len(plain.last_plan.buckets) <= 3
   assert compiled[2] - compiled[1] <= shared.num_programs == len(shared.last_plan.buckets) + 1 <= 3
   assert compiled[3] - compiled[2] <= packed.num_programs == 1
+  assert compiled[4] - compiled[3] <= packed_apart.num_programs == 1
   _results(shared, rows, ps)
-  assert scoring.num_compilations() == compiled[3]  # a second pass compiles nothing
+  assert scoring.num_compilations() == compiled[4]  # a second pass compiles nothing
   assert shared.stats["padded_tokens"] >= shared.stats["tokens"] / 2
   assert packed.stats["padded_tokens"] < plain.stats["padded_tokens"]
 
