@@ -521,7 +521,7 @@ class Scorer:
     self.answer_ids = tuple(answers) if answers else answer_ids(self.tokenizer, self.layout)
     self.pad_id = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
     self.multiple = sharding.batch_multiple(self.mesh)
-    self.stats = {"sequences": 0, "tokens": 0, "padded_tokens": 0, "useful_flops": 0.0, "executed_flops": 0.0}
+    self.stats = {"sequences": 0, "tokens": 0, "processed_slots": 0, "useful_flops": 0.0, "executed_flops": 0.0}
     self.shapes: set[tuple[str, int, int]] = set()  # (program, rows, length) run so far
 
   @property
@@ -652,8 +652,8 @@ class Scorer:
   def _answers(self) -> jax.Array:
     return self._replicate(np.asarray(self.answer_ids))
 
-  def _count(self, padded_tokens: int, executed: float) -> None:
-    self.stats["padded_tokens"] += int(padded_tokens)
+  def _count(self, processed_slots: int, executed: float) -> None:
+    self.stats["processed_slots"] += int(processed_slots)
     self.stats["executed_flops"] += float(executed)
 
   def _run(self, steps, total: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -753,10 +753,10 @@ def _pair_result(row, method, values, encoded, item_idx) -> dict[str, Any]:
 
 
 def flop_rate(stats: dict[str, Any], seconds: float) -> dict[str, float]:
-  """Useful and executed GFLOP/s and the padding share of a scoring run's stats."""
-  padded = stats["padded_tokens"]
+  """Useful and executed GFLOP/s, and the slots processed per token of the sequences (padding adds to it, shared
+  starts run once take from it) of a scoring run's stats."""
   return {
       "useful_gflops": stats["useful_flops"] / seconds / 1e9 if seconds else math.nan,
       "executed_gflops": stats["executed_flops"] / seconds / 1e9 if seconds else math.nan,
-      "padding": 1.0 - stats["tokens"] / padded if padded else 0.0,
+      "slots_per_token": stats["processed_slots"] / stats["tokens"] if stats["tokens"] else 0.0,
   }

@@ -223,7 +223,7 @@ def test_shared_prefix_equals_plain_and_compilations_are_bounded(toy):
   pair_segments = [u for b in packed.last_plan.packed for row in b for u in row if len(u) == 2]
   assert len(pair_segments) >= len(rows) // 2  # most pairs packed as one segment: their shared start once
   assert all(len(u) == 1 for b in packed_apart.last_plan.packed for row in b for u in row)
-  assert packed.stats["padded_tokens"] < packed_apart.stats["padded_tokens"]
+  assert packed.stats["processed_slots"] < packed_apart.stats["processed_slots"]
   for b in results[1:]:
     assert a.keys() == b.keys() == {(r["subset"], r["id"]) for r in rows}
     for key in a:
@@ -236,8 +236,8 @@ def test_shared_prefix_equals_plain_and_compilations_are_bounded(toy):
   assert compiled[4] - compiled[3] <= packed_apart.num_programs == 1
   _results(shared, rows, ps)
   assert scoring.num_compilations() == compiled[4]  # a second pass compiles nothing
-  assert shared.stats["padded_tokens"] >= shared.stats["tokens"] / 2
-  assert packed.stats["padded_tokens"] < plain.stats["padded_tokens"]
+  assert shared.stats["processed_slots"] >= shared.stats["tokens"] / 2
+  assert packed.stats["processed_slots"] < plain.stats["processed_slots"]
 
 
 def test_packing_fills_rows_and_streams_by_window():

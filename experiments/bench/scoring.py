@@ -128,7 +128,7 @@ def run_jax(args, dtype: str = "float32") -> dict:
   plan = scorer.last_plan
   return {"pairs": len(pairs), "seconds": out["cold"]["seconds"], "warm_seconds": out["warm"]["seconds"],
           "useful_flops": out["cold"]["useful_flops"], "executed_flops": out["cold"]["executed_flops"],
-          "padding": out["cold"]["padding"], "compilations": out["cold"]["compilations"],
+          "slots_per_token": out["cold"]["slots_per_token"], "compilations": out["cold"]["compilations"],
           "plan": {"packed": bool(plan.packed), "prefix": plan.prefix, "buckets": list(plan.buckets),
                    "rows": list(plan.rows)},
           "p_yes": scoring.sigmoid(values[:, 0]).tolist(), "peak_rss_gb": _peak_rss_gb()}
@@ -208,8 +208,8 @@ def main() -> None:
     cb, bb = results["jax_bf16"], results["tuned_bf16"]
     print(f"bf16, warm: (c) {a['seconds'] / cb['warm_seconds']:.2f}x over (a), {bb['seconds'] / cb['warm_seconds']:.2f}x "
           f"over (b) in bf16, {c['warm_seconds'] / cb['warm_seconds']:.2f}x over (c) in fp32")
-  print(f"(c): {c['compilations']} XLA compilations, plan {c['plan']}, padding {100 * c['padding']:.0f}% of "
-        f"processed tokens, executed {c['executed_flops'] / c['warm_seconds'] / 1e9:.1f} GFLOP/s warm "
+  print(f"(c): {c['compilations']} XLA compilations, plan {c['plan']}, {c['slots_per_token']:.2f} slots "
+        f"processed per sequence token, executed {c['executed_flops'] / c['warm_seconds'] / 1e9:.1f} GFLOP/s warm "
         f"({c['executed_flops'] / c['useful_flops']:.2f}x the useful FLOPs)")
   p_yes = {name: np.array(r["p_yes"]) for name, r in results.items()}
   print("max |P(Yes) - (a)|: " + ", ".join(f"{name} {np.abs(p - p_yes['paper']).max():.2e}"
