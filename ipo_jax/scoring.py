@@ -627,9 +627,10 @@ class Scorer:
       for r, row in enumerate(batch):
         start, scored = 0, 0
         for k, unit in enumerate(row):
-          cut = int(shared[unit[0] // 2]) if len(unit) > 1 else 0
-          pieces = [(seqs[unit[0]][:cut], 0, None)]
-          pieces += [(seqs[i][cut:], branch, i) for branch, i in enumerate(unit, start=len(unit) > 1)]
+          pair = len(unit) > 1
+          cut = int(shared[unit[0] // 2]) if pair else 0
+          pieces = [(seqs[unit[0]][:cut], 0, None)]  # (tokens, branch, scored sequence)
+          pieces += [(seqs[i][cut:], branch, i) for branch, i in enumerate(unit, start=1 if pair else 0)]
           for tokens, branch, i in pieces:
             ids[r, start:start + len(tokens)] = tokens
             segments[r, start:start + len(tokens)] = k + 1
