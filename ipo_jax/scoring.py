@@ -28,7 +28,8 @@ With `packing` ("auto": when the FLOP model says it saves work; "always"; "never
 first-fit into rows as long as the longest one (segments attend only within themselves, positions restart, each
 sequence's last position is scored): no padding and one compiled program, at the price of attention over the
 longer rows; with `shared_prefix` a pair that fits in a row is one segment, its shared start once and then both
-continuations, each attending to the start and to itself. Cache-less attention is block-causal (`modeling.QUERY_BLOCK`), which the FLOP model counts.
+continuations, each attending to the start and to itself. Cache-less attention is block-causal
+(`modeling.QUERY_BLOCK`), which the FLOP model counts.
 """
 
 from __future__ import annotations

@@ -129,7 +129,8 @@ def test_branches_continue_a_shared_start(params, monkeypatch):
       np.concatenate([np.arange(5), np.arange(10), np.arange(6, 13)]))
   packed = np.asarray(modeling.forward(params, CFG, jnp.asarray(ids), segment_ids=jnp.asarray(segments),
                                        branch_ids=jnp.asarray(branches))[0])[0]
-  for seq, rows in ((other, np.r_[0:5]), (np.r_[start, first], np.r_[5:15]), (np.r_[start, second], np.r_[5:11, 15:22])):
+  cases = ((other, np.r_[0:5]), (np.r_[start, first], np.r_[5:15]), (np.r_[start, second], np.r_[5:11, 15:22]))
+  for seq, rows in cases:
     alone = np.asarray(modeling.forward(params, CFG, jnp.asarray(seq[None]))[0])[0]
     np.testing.assert_allclose(packed[rows], alone, atol=1e-5)
   with pytest.raises(ValueError, match="branch_ids need segment_ids"):

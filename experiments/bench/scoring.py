@@ -64,7 +64,7 @@ def _answers(tokenizer) -> tuple[int, int]:
 def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
   import torch
   import transformers
-  from ipo_jax import loading, tokenizer as tokenizer_lib
+  from ipo_jax import loading, scoring, tokenizer as tokenizer_lib
   from ipo_jax.config import ModelConfig
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
@@ -75,6 +75,7 @@ def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
   tokenizer = tokenizer_lib.load_tokenizer(path)
   seqs, _ = _sequences(tokenizer, args.per_subset, args.max_length)
   yes, no = _answers(tokenizer)
+  batch_tokens = scoring.Settings(batch_tokens=args.batch_tokens).tokens_per_batch()  # the same as ipo_jax's
   p_yes = np.zeros(len(seqs))
   start = time.perf_counter()
   with torch.no_grad():
@@ -86,7 +87,7 @@ def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
     else:
       batches, current = [], []
       for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])):
-        if current and (len(current) + 1) * len(seqs[i]) > (args.batch_tokens or 2048):
+        if current and (len(current) + 1) * len(seqs[i]) > batch_tokens:
           batches.append(current)
           current = []
         current.append(i)
@@ -161,7 +162,7 @@ def main() -> None:
   parser.add_argument("--model", default="embedded")
   parser.add_argument("--per-subset", type=int, default=2)
   parser.add_argument("--max-length", type=int, default=1024)
-  parser.add_argument("--batch-tokens", type=int, default=0, help="0: ipo_jax's default for the backend")
+  parser.add_argument("--batch-tokens", type=int, default=0, help="(b) and (c); 0: ipo_jax's default for the backend")
   parser.add_argument("--max-programs", type=int, default=8)
   parser.add_argument("--no-shared-prefix", action="store_true")
   parser.add_argument("--packing", default="auto", choices=["auto", "always", "never"])
@@ -193,21 +194,24 @@ def main() -> None:
   print(f"{'':30}{'pairs/s':>9}{'useful GFLOP/s':>16}{'% of peak':>11}{'peak RSS GB':>13}")
   rows = [("(a) paper, HF torch", "paper", "seconds"), ("(b) tuned HF torch", "tuned", "seconds"),
           ("(c) ipo_jax (cold)", "jax", "seconds"), ("(c) ipo_jax (warm)", "jax", "warm_seconds"),
-          ("(b) tuned HF torch, bf16", "tuned_bf16", "seconds"), ("(c) ipo_jax, bf16 (warm)", "jax_bf16", "warm_seconds")]
+          ("(b) tuned HF torch, bf16", "tuned_bf16", "seconds"),
+          ("(c) ipo_jax, bf16 (warm)", "jax_bf16", "warm_seconds")]
   for label, name, timing in rows:
     if name in results:
       r = results[name]
       useful = r["useful_flops"] / r[timing] / 1e9
       peak = max(peaks["bfloat16" if name.endswith("_bf16") else "float32"].values())
-      print(f"{label:30}{r['pairs'] / r[timing]:9.3f}{useful:16.1f}{100 * useful / peak:10.0f}%{r['peak_rss_gb']:13.2f}")
+      print(f"{label:30}{r['pairs'] / r[timing]:9.3f}{useful:16.1f}{100 * useful / peak:10.0f}%"
+            f"{r['peak_rss_gb']:13.2f}")
   c = results["jax"]
   print(f"\nspeed-up of (c) cold / warm: {a['seconds'] / c['seconds']:.2f}x / {a['seconds'] / c['warm_seconds']:.2f}x "
         f"over (a), {b['seconds'] / c['seconds']:.2f}x / {b['seconds'] / c['warm_seconds']:.2f}x over (b); "
         f"(b) over (a): {a['seconds'] / b['seconds']:.2f}x")
   if args.bf16:
     cb, bb = results["jax_bf16"], results["tuned_bf16"]
-    print(f"bf16, warm: (c) {a['seconds'] / cb['warm_seconds']:.2f}x over (a), {bb['seconds'] / cb['warm_seconds']:.2f}x "
-          f"over (b) in bf16, {c['warm_seconds'] / cb['warm_seconds']:.2f}x over (c) in fp32")
+    print(f"bf16, warm: (c) {a['seconds'] / cb['warm_seconds']:.2f}x over (a), "
+          f"{bb['seconds'] / cb['warm_seconds']:.2f}x over (b) in bf16, "
+          f"{c['warm_seconds'] / cb['warm_seconds']:.2f}x over (c) in fp32")
   print(f"(c): {c['compilations']} XLA compilations, plan {c['plan']}, {c['slots_per_token']:.2f} slots "
         f"processed per sequence token, executed {c['executed_flops'] / c['warm_seconds'] / 1e9:.1f} GFLOP/s warm "
         f"({c['executed_flops'] / c['useful_flops']:.2f}x the useful FLOPs)")
