@@ -9,8 +9,8 @@ pairs, the ensemble combined by mean P(Yes) and by mean log-odds (recomputed fro
 and the prompt search (the best candidate per subset, picked on these same pairs, so an optimistic bound). Both
 runs resume from their output directories.
 
-Local (embedded SmolLM2-135M-Instruct; the whole filtered split with the paper's prompts, 2985 pairs, about an
-hour on a 2-core CPU; the ensemble on 4 pairs per subset, 92 pairs x 10 instructions, about 20 minutes):
+Local (embedded SmolLM2-135M-Instruct; the whole filtered split with the paper's prompts, 2985 pairs, about 54
+minutes on a 2-core CPU; the ensemble on 4 pairs per subset, 92 pairs x 10 instructions, about 13 minutes):
 
   python experiments/rewardbench_ensemble.py --single_max_per_subset 0 --ensemble_max_per_subset 4 \\
       --output_dir runs/rb_ensemble
