@@ -15,9 +15,9 @@ Variants (combine with commas, e.g. `:ensemble,demo`): `paper` (the authors' pro
 P(Yes), plus the per-candidate prompt search), `demo` / `local` (small offline slice on the embedded model).
 No variant: paper layout with the project's own instructions, truncation that keeps the question.
 
-The full filtered split (2985 pairs, 1.7M tokens with the paper layout) takes about 50 minutes for SmolLM2-135M
+The full filtered split (2985 pairs, 1.7M tokens with the paper layout) takes about 54 minutes for SmolLM2-135M
 in fp32 on a 2-core CPU (one compiled program: packed rows, each pair's shared start once); bfloat16
-(`--config.model.dtype=bfloat16`) is about 1.8x faster on CPUs with AMX. An ensemble of K instructions takes about
+(`--config.model.dtype=bfloat16`) took 22.5 minutes on CPUs with AMX. An ensemble of K instructions takes about
 K times as long (experiments/rewardbench_ensemble.py compares the two).
 """
 
