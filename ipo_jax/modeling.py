@@ -147,42 +147,33 @@ def _attend(cfg: ModelConfig, q, k, v, mask):
   return jnp.einsum("...qs,...sd->...qd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def _row_attention(cfg: ModelConfig, q, k, v, mask):
-  """One row of a cache-less call on CPU: q [T,H,Dh]; k, v [T,Hkv,Dh]; mask [T,T] causal -> [T,H*Dh].
-
-  Block-causal, and each (query block, KV head) is one plain 2D GEMM pair with the query heads sharing that KV
-  head folded into the query axis: XLA's CPU backend runs 2D bf16 dots on its fast (AMX) path and batched ones
-  about 2x slower, and one row's score blocks stay in cache."""
-  t, h, dh = q.shape
-  kv_heads = cfg.num_kv_heads
-  groups = h // kv_heads
-  blocks = []
-  for a, e in query_blocks(t):
-    qb = q[a:e].reshape(e - a, kv_heads, groups, dh)
-    mb = jnp.repeat(mask[a:e, :e], groups, axis=0)
-    heads = [_attend(cfg, qb[:, j].reshape((e - a) * groups, dh), k[:e, j], v[:e, j], mb).reshape(e - a, groups * dh)
-             for j in range(kv_heads)]
-    blocks.append(jnp.concatenate(heads, axis=-1))
-  return jnp.concatenate(blocks, axis=0)
-
-
-def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
-  """q [B,T,H,Dh]; k, v [B,S,Hkv,Dh]; mask [B,T,S] -> [B,T,H*Dh].
+def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False, one_row: bool = False):
+  """q [B,T,H,Dh]; k, v [B,S,Hkv,Dh]; mask [B,T,S] -> [B,T,H*Dh] (`one_row`: one row, no B axis).
 
   `causal_blocks` (a cache-less call, S = T, the mask causal): each block of QUERY_BLOCK queries is computed only
   against the keys up to its end, which skips the upper triangle's blocks (the same result; about half the
-  attention FLOPs on long rows). On CPU such a call runs its rows one at a time (`_row_attention`)."""
-  if causal_blocks and jax.default_backend() == "cpu":
-    return jax.lax.map(lambda row: _row_attention(cfg, *row), (q, k, v, mask))
-  if causal_blocks and q.shape[1] > QUERY_BLOCK:
-    return jnp.concatenate([_attention(cfg, q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e])
-                            for a, e in query_blocks(q.shape[1])], axis=1)
-  b, t, h, dh = q.shape
+  attention FLOPs on long rows). The query heads sharing a KV head are folded into the query axis, so each
+  (row, KV head) is one GEMM pair. On CPU a cache-less call runs its rows one at a time and each KV head as a
+  plain 2D GEMM pair: XLA's CPU backend runs 2D bf16 dots on its fast (AMX) path and batched ones about 2x slower,
+  and one row's score blocks stay in cache."""
+  if causal_blocks and not one_row and jax.default_backend() == "cpu":
+    return jax.lax.map(lambda row: _attention(cfg, *row, causal_blocks=True, one_row=True), (q, k, v, mask))
+  if causal_blocks and q.shape[-3] > QUERY_BLOCK:
+    blocks = [_attention(cfg, q[..., a:e, :, :], k[..., :e, :, :], v[..., :e, :, :], mask[..., a:e, :e],
+                         one_row=one_row) for a, e in query_blocks(q.shape[-3])]
+    return jnp.concatenate(blocks, axis=-2)
+  *_, t, h, dh = q.shape
   kv_heads = cfg.num_kv_heads
   groups = h // kv_heads
-  # One batched GEMM per (row, KV head): the query heads sharing a KV head are folded into the query axis.
+  if one_row:
+    q, mask = q.reshape(t, kv_heads, groups, dh), jnp.repeat(mask, groups, axis=0)
+    heads = [_attend(cfg, q[:, j].reshape(t * groups, dh), k[:, j], v[:, j], mask).reshape(t, groups * dh)
+             for j in range(kv_heads)]
+    return jnp.concatenate(heads, axis=-1)
+  b = q.shape[0]
   q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * groups, dh)
-  out = _attend(cfg, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.repeat(mask, groups, axis=1)[:, None])
+  mask = jnp.repeat(mask, groups, axis=1)[:, None]
+  out = _attend(cfg, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
   return out.reshape(b, kv_heads, t, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
 
 
