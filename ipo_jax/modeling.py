@@ -147,8 +147,8 @@ def _attend(cfg: ModelConfig, q, k, v, mask):
   return jnp.einsum("...qs,...sd->...qd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False, one_row: bool = False):
-  """q [B,T,H,Dh]; k, v [B,S,Hkv,Dh]; mask [B,T,S] -> [B,T,H*Dh] (`one_row`: one row, no B axis).
+def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
+  """q [B,T,H,Dh]; k, v [B,S,Hkv,Dh]; mask [B,T,S] -> [B,T,H*Dh]; or one row of each, without the B axis.
 
   `causal_blocks` (a cache-less call, S = T, the mask causal): each block of QUERY_BLOCK queries is computed only
   against the keys up to its end, which skips the upper triangle's blocks (the same result; about half the
@@ -156,11 +156,12 @@ def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False, one
   (row, KV head) is one GEMM pair. On CPU a cache-less call runs its rows one at a time and each KV head as a
   plain 2D GEMM pair: XLA's CPU backend runs 2D bf16 dots on its fast (AMX) path and batched ones about 2x slower,
   and one row's score blocks stay in cache."""
+  one_row = q.ndim == 3
   if causal_blocks and not one_row and jax.default_backend() == "cpu":
-    return jax.lax.map(lambda row: _attention(cfg, *row, causal_blocks=True, one_row=True), (q, k, v, mask))
+    return jax.lax.map(lambda row: _attention(cfg, *row, causal_blocks=True), (q, k, v, mask))
   if causal_blocks and q.shape[-3] > QUERY_BLOCK:
-    blocks = [_attention(cfg, q[..., a:e, :, :], k[..., :e, :, :], v[..., :e, :, :], mask[..., a:e, :e],
-                         one_row=one_row) for a, e in query_blocks(q.shape[-3])]
+    blocks = [_attention(cfg, q[..., a:e, :, :], k[..., :e, :, :], v[..., :e, :, :], mask[..., a:e, :e])
+              for a, e in query_blocks(q.shape[-3])]
     return jnp.concatenate(blocks, axis=-2)
   *_, t, h, dh = q.shape
   kv_heads = cfg.num_kv_heads
