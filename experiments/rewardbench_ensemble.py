@@ -16,7 +16,7 @@ minutes on a 2-core CPU; the ensemble on 4 pairs per subset, 92 pairs x 10 instr
       --output_dir runs/rb_ensemble
 
 The ensemble over the whole split, in bf16 (the single instruction 22.5 minutes, the ensemble about 4 hours on a
-2-core CPU; it resumes where an interrupted invocation stopped; minutes on an accelerator, with `--model <model>`):
+2-core CPU; it resumes where an interrupted invocation stopped; `--model <model>` for another model):
 
   python experiments/rewardbench_ensemble.py --single_max_per_subset 0 --ensemble_max_per_subset 0 \\
       --dtype bfloat16 --output_dir runs/rb_ensemble_full_bf16
