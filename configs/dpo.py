@@ -1,6 +1,6 @@
 """DPO training of a policy on preference pairs (TRL's prompt/chosen/rejected convention).
 
-Local smoke run on Anthropic HH pairs from the offline data (embedded SmolLM2-135M-Instruct, LoRA r=16, 20 steps
+Local smoke run on Anthropic HH-RLHF harmless-base test pairs (embedded SmolLM2-135M-Instruct, LoRA r=16, 20 steps
 of 2 pairs, up to 192 tokens, eval on 12 held-out pairs): 15 minutes of wall time (7.5 CPU-minutes) on 2 CPU cores
 shared with other jobs, a third of it the reference pass:
 
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "local":
     c.output_dir = "runs/dpo_local"
-    c.data.update(path="shared:prompts/hh_rlhf_harmless_base_test.jsonl.gz", chat_template=False, limit=120,
+    c.data.update(path="Anthropic/hh-rlhf", name="harmless-base", split="test", chat_template=False, limit=120,
                   skip_invalid=True,  # a few transcripts end in an empty assistant turn
                   eval_fraction=0.1, max_length=192, max_prompt_length=128)
     c.lora.update(rank=16, alpha=32.0)

@@ -1,7 +1,6 @@
 """Sample responses to instructions into `generations.jsonl` (see ipo_jax/generation.py).
 
-  python -m ipo_jax.main --config configs/generate.py --config.data.path=shared:prompts/alpaca_eval.jsonl \
-      --config.output_dir=runs/generate
+  python -m ipo_jax.main --config configs/generate.py --config.output_dir=runs/generate
       4 samples x 256 tokens at temperature 0.7 for each of the 805 AlpacaEval instructions.
   python -m ipo_jax.main --config configs/generate.py:local --config.output_dir=runs/generate_local
       embedded SmolLM2-135M-Instruct, 8 AlpacaEval instructions x 2 samples x 32 tokens: about 20 s on a 2-core
@@ -31,11 +30,12 @@ def get_config(arg=None):
   # Row (prompt i, sample s) samples with fold_in(fold_in(key(config.seed), i), s).
   config = defaults.base("generate", output_dir="runs/generate")
 
-  # Instructions: a local .jsonl/.json/.parquet (or shared:<relative> in the offline data) or a hub id.
+  # Instructions: a hub id (with split and configuration), a source name, or a local .jsonl/.json/.parquet;
+  # AlpacaEval, MT-Bench and HH-RLHF resolve through ipo_jax/sources.py (cache, remote, offline copy).
   config.data = ml_collections.ConfigDict()
-  config.data.path = "shared:prompts/alpaca_eval.jsonl"
-  config.data.split = "train"  # hub datasets only
-  config.data.name = ""  # hub dataset configuration
+  config.data.path = "tatsu-lab/alpaca_eval"
+  config.data.split = "eval"  # hub data sets only
+  config.data.name = "alpaca_eval"  # hub data set configuration (or data directory)
   config.data.format = "auto"  # auto | instruction | mt_bench (first of `turns`) | hh_rlhf (first human turn)
   config.data.field = ""  # empty: the format's field (instruction, turns, chosen)
   config.data.start = 0  # rows [start, start + limit) of the file; limit 0: to the end
@@ -62,10 +62,10 @@ def get_config(arg=None):
     config.sampling.num_samples = 1
     config.output_dir = "runs/generate_greedy"
   if "mt_bench" in variants:
-    config.data.path = "shared:prompts/mt_bench_question.jsonl"
+    config.data.update(path="fastchat:mt_bench_questions", split="", name="")
     config.output_dir = "runs/generate_mt_bench"
   if "hh_rlhf" in variants:
-    config.data.path = "shared:prompts/hh_rlhf_harmless_base_test.jsonl.gz"
+    config.data.update(path="Anthropic/hh-rlhf", split="test", name="harmless-base")
     config.output_dir = "runs/generate_hh_rlhf"
   if "raw" in variants:
     config.data.chat_template = False

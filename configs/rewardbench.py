@@ -1,18 +1,19 @@
 """RewardBench with the IPO classifier: P(Yes) of each response under a yes/no question.
 
   python -m ipo_jax.main --config configs/rewardbench.py:demo
-      embedded SmolLM2-135M-Instruct, offline data, 2 pairs per subset (46 pairs, max_length 512): about a minute
+      embedded SmolLM2-135M-Instruct, 2 pairs per subset of allenai/reward-bench (filtered) (46 pairs, max_length 512): about a minute
       on an idle 2-core CPU after set-up (model load 20 s, one compilation), prints the table.
   python -m ipo_jax.main --config configs/rewardbench.py:paper --config.model.path=<gguf or HF dir> \
       --config.output_dir=runs/rb_paper
       the authors' procedure exactly: their per-subset prompts, paper layout, right truncation at 1024 tokens.
   python -m ipo_jax.main --config configs/rewardbench.py --config.model.path=<gguf or dir> \
-      --config.data.path=<pairs.jsonl.gz> --config.scoring.prompts_file=../shared/data/ipo/rewardbench_prompts.json \
+      --config.data.path=<pairs.jsonl.gz> --config.scoring.prompts_file=paper:rewardbench_prompts \
       --config.output_dir=<dir>
 
 Variants (combine with commas, e.g. `:ensemble,demo`): `paper` (the authors' prompts and truncation), `chat`
 (the content as one user turn of the chat template), `ensemble` (10 candidate instructions per subset, mean
-P(Yes), plus the per-candidate prompt search), `demo` / `local` (small offline slice on the embedded model).
+P(Yes), plus the per-candidate prompt search), `demo` / `local` (a small slice on the embedded model). Data and the paper's prompt files resolve through
+ipo_jax/sources.py: the cache, then their real sources, then the offline copy ($IPO_JAX_DATA).
 No variant: paper layout with the project's own instructions, truncation that keeps the question.
 
 The full filtered split (2985 pairs, 1.7M tokens with the paper layout) takes about 54 minutes for SmolLM2-135M
@@ -41,7 +42,7 @@ def get_config(arg=None):
   config.scoring = ml_collections.ConfigDict()
   config.scoring.layout = "paper"  # paper | chat | template
   config.scoring.template = ""  # for layout=template: a string with {instruction}, {prompt}, {response}
-  config.scoring.prompts_file = ""  # empty: the project's instructions (ipo_jax/prompts.py)
+  config.scoring.prompts_file = ""  # empty: the project's instructions (ipo_jax/prompts.py); a file or a source
   config.scoring.yes = ""  # answer strings; empty: " Yes"/" No" (paper, template) or "Yes"/"No" (chat)
   config.scoring.no = ""
   config.scoring.max_length = 1024
@@ -61,17 +62,16 @@ def get_config(arg=None):
   config.scoring.progress = True
 
   if "paper" in variants:
-    config.scoring.prompts_file = "shared:ipo/rewardbench_prompts.json"
+    config.scoring.prompts_file = "paper:rewardbench_prompts"
     config.scoring.truncation = "paper"
     config.output_dir = "runs/rewardbench_paper"
   if "chat" in variants:
     config.scoring.layout = "chat"
     config.output_dir = "runs/rewardbench_chat"
   if "ensemble" in variants:
-    config.scoring.prompts_file = "shared:ipo/candidate_prompts.json"
+    config.scoring.prompts_file = "paper:candidate_prompts"
     config.output_dir = "runs/rewardbench_ensemble"
   if "demo" in variants or "local" in variants:
-    config.data.path = "shared:reward_bench/reward_bench_filtered.jsonl.gz"
     config.data.max_per_subset = 2
     config.scoring.max_length = 512
     config.scoring.max_programs = 4

@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reference = "previous"  # DPO reference of each round: the policy it starts from
 
   # Prompts (generation.load_instructions fields), split into train / held-out by a seeded rule; limits 0 = all.
-  c.prompts = dict(path="shared:prompts/alpaca_eval.jsonl", split="train", name="", format="auto", field="",
+  c.prompts = dict(path="tatsu-lab/alpaca_eval", split="eval", name="alpaca_eval", format="auto", field="",
                    skip_invalid=False, chat_template=True, heldout_fraction=0.5, train_limit=0, heldout_limit=0)
 
   # Category of each prompt (picks the IPO question): self (the model answers one yes/no question per
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # loads another model or a reward model); the policy's RewardBench score as an IPO classifier on the pairs of
   # `rewardbench` (fields of configs/rewardbench.py's data section; path "" skips it).
   c.evaluation = dict(max_new_tokens=256, judge="", rewardbench=dict(
-      path="shared:reward_bench/reward_bench_filtered.jsonl.gz", split="filtered", subsets="", max_per_subset=0,
+      path="allenai/reward-bench", split="filtered", subsets="", max_per_subset=0,
       skip_invalid=False, columns={}))
 
   size, _, arm = (arg or "").partition(",")

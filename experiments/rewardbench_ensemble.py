@@ -2,7 +2,7 @@
 
 The single-instruction run is `configs/rewardbench.py:paper` (the authors' per-subset prompts, paper layout, right
 truncation at 1024 tokens); the ensemble run is `configs/rewardbench.py:paper,ensemble` (the 10 candidate
-instructions per subset of shared:ipo/candidate_prompts.json, same layout and truncation, mean P(Yes)). The ensemble
+instructions per subset of the paper's candidate_prompts.json (source paper:candidate_prompts), same layout and truncation, mean P(Yes)). The ensemble
 costs K forward passes per response, so it can run on a per-subset slice (`--ensemble_max_per_subset`) while the
 single instruction covers more; the table then shows the single instruction on all its pairs and on the ensemble's
 pairs, the ensemble combined by mean P(Yes) and by mean log-odds (recomputed from the stored per-candidate scores),
@@ -30,17 +30,15 @@ import argparse
 import importlib.util
 import os
 import pathlib
-import sys
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from ipo_jax import data as data_lib  # pylint: disable=wrong-import-position
 from ipo_jax import rewardbench, scoring  # pylint: disable=wrong-import-position
 
-DATA = "shared:reward_bench/reward_bench_filtered.jsonl.gz"
+DATA = rewardbench.DEFAULT_HUB_ID  # its filtered split, through ipo_jax.sources (cache, hub, offline copy)
 
 
 def _config(arg: str):
@@ -124,7 +122,7 @@ def compare(model: str, output_dir: str, single_max_per_subset: int, ensemble_ma
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--model", default="embedded", help="model path or id")
-  parser.add_argument("--data", default=DATA, help="RewardBench pairs: hub id, local file or shared:<path>")
+  parser.add_argument("--data", default=DATA, help="RewardBench pairs: hub id (filtered split) or local file")
   parser.add_argument("--single_max_per_subset", type=int, default=0, help="pairs per subset; 0: all")
   parser.add_argument("--ensemble_max_per_subset", type=int, default=4, help="pairs per subset; 0: all")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and activations")

@@ -25,15 +25,13 @@ import argparse
 import importlib.util
 import os
 import pathlib
-import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from ipo_jax import data as data_lib  # pylint: disable=wrong-import-position
 from ipo_jax import judge, rewardbench  # pylint: disable=wrong-import-position
 
-DATA = "shared:reward_bench/reward_bench_filtered.jsonl.gz"
+DATA = rewardbench.DEFAULT_HUB_ID  # its filtered split, through ipo_jax.sources (cache, hub, offline copy)
 
 
 def _config(name: str, arg: str):

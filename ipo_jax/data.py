@@ -1,8 +1,7 @@
-"""Reading records from local files or the Hugging Face hub, and finding the offline data copies.
+"""Reading records and results files.
 
-Every path-taking option accepts a hub id (through `datasets.load_dataset`) or a local `.jsonl`, `.jsonl.gz`,
-`.json` or `.parquet` file. Offline copies are found through `$IPO_JAX_DATA`, then `../shared/data` beside the
-repository or the working directory.
+Every path-taking option accepts a local `.jsonl`, `.jsonl.gz`, `.json` or `.parquet` file, a registered source
+or a hub id; `ipo_jax.sources.resolve` turns the latter two into a local file (cache, remote, offline copy).
 """
 
 from __future__ import annotations
@@ -10,48 +9,15 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ipo_jax import sources
+
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-DATA_ENV = "IPO_JAX_DATA"
 
 
 class DataError(ValueError):
   """Bad input data; the message names the file, row and field."""
-
-
-def is_local(path: str) -> bool:
-  return os.path.exists(path) or str(path).endswith(LOCAL_SUFFIXES)
-
-
-def shared_data_dir() -> Path | None:
-  """The offline data directory: `$IPO_JAX_DATA`, else `../shared/data` next to the repo or the cwd."""
-  env = os.environ.get(DATA_ENV)
-  if env:
-    return Path(env)
-  for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
-    candidate = base.parent / "shared" / "data"
-    if candidate.is_dir():
-      return candidate
-  return None
-
-
-def shared_data_path(relative: str) -> Path:
-  """A file of the offline data copy, with a clear error when it cannot be found."""
-  root = shared_data_dir()
-  if root is None or not (root / relative).exists():
-    raise FileNotFoundError(
-        f"offline data file {relative!r} not found; set ${DATA_ENV} to the data directory "
-        f"(looked in {root or '../shared/data'})")
-  return root / relative
-
-
-def resolve_data_path(path: str) -> str:
-  """Expands `shared:<relative>` to the offline data directory; other paths pass through."""
-  if path.startswith("shared:"):
-    return str(shared_data_path(path[len("shared:"):]))
-  return path
 
 
 def read_local(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -86,13 +52,19 @@ def read_local(path: str | os.PathLike) -> list[dict[str, Any]]:
   return data
 
 
-def read_records(path: str, split: str = "train", name: str | None = None) -> list[dict[str, Any]]:
-  """Rows from a local file or a hub dataset id (`datasets.load_dataset(path, name, split=split)`)."""
-  path = resolve_data_path(path)
-  if is_local(path):
-    return read_local(path)
-  import datasets
-  return list(datasets.load_dataset(path, name, split=split))
+def local_file(path: str, split: str | None = None, name: str | None = None, what: str = "data file") -> str:
+  """The local file behind a data option: itself, or a registered source's or hub data set's copy."""
+  return str(sources.resolve(path, split=split, name=name, log=_log, what=what))
+
+
+def read_records(path: str, split: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+  """Rows of a local file, a registered source or a hub data set (split and configuration `name`)."""
+  return read_local(local_file(path, split, name))
+
+
+def _log(message: str) -> None:
+  from ipo_jax import runtime  # pylint: disable=import-outside-toplevel  # runtime imports jax
+  runtime.log(message)
 
 
 def require_fields(rows: Iterable[dict[str, Any]], fields: Iterable[str], source: str, *,

@@ -41,10 +41,10 @@ def parse_variants(arg: str | None, valid: tuple[str, ...]) -> list[str]:
 
 
 def rewardbench_data() -> ml_collections.ConfigDict:
-  """RewardBench pairs: a local .jsonl/.jsonl.gz/.json/.parquet (or shared:<relative> in the offline data), a hub
-  id, or empty for allenai/reward-bench (falling back to the offline copy when the hub cannot be reached)."""
+  """RewardBench pairs: allenai/reward-bench (resolved through the cache, the hub and the offline copy), another
+  hub id, or a local .jsonl/.jsonl.gz/.json/.parquet file."""
   return ml_collections.ConfigDict({
-      "path": "",
+      "path": "allenai/reward-bench",
       "split": "filtered",  # filtered | raw (hub only)
       "subsets": "",  # comma-separated subset names; empty: all
       "max_per_subset": 0,  # 0: all

@@ -5,7 +5,7 @@ and a score; the score is parsed from what it wrote (`parse_score`) and clamped 
 in it gets `unparsable_score` (0 as the IPO paper's code, 0.5 as RewardBench's generative scoring) and is counted.
 
 The rubric is the project's own wording (`DEFAULT_TEMPLATE`) or a `prompt_file` with `{instruction}` and
-`{response}` placeholders (the paper's trimmed prompt is `shared:ipo/self_reward_judge_prompt.txt`). It is laid
+`{response}` placeholders (the paper's trimmed prompt is the source `paper:self_reward_judge_prompt`). It is laid
 out as one user turn of the chat template (default) or as raw text, as the paper's code did. Texts longer than
 `max_prompt_tokens` lose the end of the response, then of the question (`truncation="keep_question"`), or are
 cut on the right as the paper's code did (`truncation="paper"`).
@@ -79,10 +79,11 @@ def parse_score(text: str) -> float | None:
 
 
 def load_template(prompt_file: str = "") -> str:
-  """The rubric: `DEFAULT_TEMPLATE`, or a file (path or `shared:<relative>`) with both placeholders."""
+  """The rubric: `DEFAULT_TEMPLATE`, or a file (a local path or a registered source such as
+  `paper:self_reward_judge_prompt`) with both placeholders."""
   if not prompt_file:
     return DEFAULT_TEMPLATE
-  path = data_lib.resolve_data_path(prompt_file)
+  path = data_lib.local_file(prompt_file, what="judge prompt file")
   with open(path, encoding="utf-8") as f:
     template = f.read()
   missing = [p for p in PLACEHOLDERS if p not in template]

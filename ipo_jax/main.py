@@ -49,8 +49,11 @@ def parse_flags(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   parse_flags(sys.argv if argv is None else argv)
+  from ipo_jax import sources  # pylint: disable=import-outside-toplevel
   try:
     run_task(_CONFIG.value)
+  except sources.SourceUnavailable as e:  # no copy of the data anywhere: one line with the fixes
+    sys.exit(f"error: {e}")
   except ValueError as e:
     if str(e).startswith("unknown task"):
       sys.exit(f"error: {e}")

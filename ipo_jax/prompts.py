@@ -9,7 +9,9 @@ Files (`scoring.prompts_file`) come in two forms:
   {"fallback_subset": "alpacaeval-easy", "prompts": {"<subset or category>": "<instruction>", ...}}
   {"default": "<instruction>", "<subset>": ["<candidate 1>", "<candidate 2>", ...], ...}   (candidate lists)
 
-(`fallback_category` or `fallback` may stand for `fallback_subset`; in the second form "default" is the fallback.)
+(`fallback_category` or `fallback` may stand for `fallback_subset`, and a `source` entry records provenance; in the
+second form "default" is the fallback.) The paper's files are the sources `paper:rewardbench_prompts` and
+`paper:candidate_prompts` (see ipo_jax/sources.py).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def parse_prompts(obj: Any, source: str) -> PromptSet:
     if len(keys) != 1:
       raise ValueError(f"{source}: give exactly one of 'fallback_subset', 'fallback_category', 'fallback'")
     fallback = obj[keys[0]]
-    unknown = set(obj) - {"prompts", keys[0]}
+    unknown = set(obj) - {"prompts", keys[0], "source"}  # source: provenance only
   else:
     table, fallback, unknown = obj, "default", set()
     if "default" not in table:
@@ -148,10 +150,8 @@ def parse_prompts(obj: Any, source: str) -> PromptSet:
 
 
 def load_prompts(path: str | os.PathLike) -> PromptSet:
-  """Reads a prompts file (`shared:<relative>` names a file of the offline data directory)."""
-  path = data.resolve_data_path(os.fspath(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"prompts file not found: {path}")
+  """Reads a prompts file: a local path or a registered source such as `paper:rewardbench_prompts`."""
+  path = data.local_file(os.fspath(path), what="prompts file")
   with open(path, encoding="utf-8") as f:
     try:
       obj = json.load(f)

@@ -24,7 +24,6 @@ from ipo_jax import data, runtime
 
 DEFAULT_HUB_ID = "allenai/reward-bench"
 SPLITS = ("filtered", "raw")
-OFFLINE_COPIES = {"filtered": "reward_bench/reward_bench_filtered.jsonl.gz"}
 FIELDS = ("prompt", "chosen", "rejected", "subset", "id")
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "subset")
 
@@ -80,34 +79,20 @@ def pair_key(row: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _read(data_cfg: Any) -> tuple[list[dict[str, Any]], str]:
-  path, split = data_cfg.get("path", ""), data_cfg.get("split", "filtered")
+  path, split = data_cfg.get("path", "") or DEFAULT_HUB_ID, data_cfg.get("split", "filtered")
   if split not in SPLITS:
     raise ValueError(f"data.split must be one of {SPLITS}, got {split!r}")
-  if path:
-    path = data.resolve_data_path(path)
-    if os.path.exists(path) and not path.endswith(data.LOCAL_SUFFIXES):
-      raise data.DataError(f"{path}: unknown format; expected one of {', '.join(data.LOCAL_SUFFIXES)}")
-    return data.read_records(path, split=split), path
-  offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-  hub_error = "offline mode is set"
-  if not offline:
-    try:
-      return data.read_records(DEFAULT_HUB_ID, split=split), f"{DEFAULT_HUB_ID}:{split}"
-    except Exception as e:  # pylint: disable=broad-except  # any hub failure falls back to the offline copy
-      hub_error = f"{type(e).__name__}: {e}"
-  if split not in OFFLINE_COPIES:
-    raise FileNotFoundError(f"cannot reach {DEFAULT_HUB_ID} ({hub_error}) and there is no offline copy of the "
-                            f"{split!r} split; set data.path")
-  local = str(data.shared_data_path(OFFLINE_COPIES[split]))
-  runtime.log(f"{DEFAULT_HUB_ID} not reachable ({hub_error}); using the offline copy {local}")
-  return data.read_records(local), local
+  if os.path.exists(path) and not path.endswith(data.LOCAL_SUFFIXES):
+    raise data.DataError(f"{path}: unknown format; expected one of {', '.join(data.LOCAL_SUFFIXES)}")
+  local = data.local_file(path, split=split)
+  return data.read_local(local), (local if local == path else f"{path}:{split} ({local})")
 
 
 def load_pairs(data_cfg: Any) -> Pairs:
   """RewardBench pairs from `data_cfg` (path, split, subsets, max_per_subset, skip_invalid, columns).
 
-  `path`: a local .jsonl / .jsonl.gz / .json / .parquet file (or `shared:<relative>`), a hub id, or empty for
-  `allenai/reward-bench` (`split` filtered or raw) with the offline copy as fallback. `columns` renames file
+  `path`: a local .jsonl / .jsonl.gz / .json / .parquet file or a hub id (empty: `allenai/reward-bench`);
+  `split` filtered or raw. The hub's filtered split resolves through `ipo_jax.sources` (cache, hub, offline copy). `columns` renames file
   columns to ours ({"prompt": "question", ...}). Missing or empty fields are an error naming the row and field,
   or, with `skip_invalid`, are skipped and counted. Duplicate (subset, id) keys are an error.
   """

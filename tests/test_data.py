@@ -46,10 +46,3 @@ def test_append_after_torn_write_keeps_finished_rows(tmp_path):
   data.append_jsonl(path, [{"id": 3}])
   assert [r["id"] for r in data.iter_jsonl(path)] == [1, 2, 3]
 
-
-def test_shared_data_env_override(tmp_path, monkeypatch):
-  (tmp_path / "x.txt").write_text("hi")
-  monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
-  assert data.resolve_data_path("shared:x.txt") == str(tmp_path / "x.txt")
-  with pytest.raises(FileNotFoundError, match="IPO_JAX_DATA"):
-    data.shared_data_path("nope.json")

@@ -16,7 +16,9 @@ import transformers
 from scipy import stats
 from transformers.generation import logits_process
 
+from configs import generate
 from ipo_jax import data, generation, loading, modeling, sharding
+from tests.conftest import source_path
 from ipo_jax.config import ModelConfig
 
 TOY = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -196,12 +198,11 @@ def test_batch_sharded_over_eight_devices_matches_one(toy, tmp_path):
 
 
 def test_prompt_formats(tmp_path):
-  alpaca = generation.load_instructions({"path": "shared:prompts/alpaca_eval.jsonl", "start": 800, "limit": 3})
+  alpaca = generation.load_instructions(dict(generate.get_config().data, start=800, limit=3))
   assert [i for i, _ in alpaca] == [800, 801, 802] and all(t.strip() for _, t in alpaca)
-  mt = generation.load_instructions({"path": "shared:prompts/mt_bench_question.jsonl", "limit": 2})
-  assert mt[0] == (0, json.loads(open(data.shared_data_path("prompts/mt_bench_question.jsonl")).readline())[
-      "turns"][0])
-  hh = generation.load_instructions({"path": "shared:prompts/hh_rlhf_harmless_base_test.jsonl.gz", "limit": 1})
+  mt = generation.load_instructions(dict(generate.get_config("mt_bench").data, limit=2))
+  assert mt[0] == (0, json.loads(open(source_path("fastchat:mt_bench_questions")).readline())["turns"][0])
+  hh = generation.load_instructions(dict(generate.get_config("hh_rlhf").data, limit=1))
   assert hh == [(0, "what are some pranks with a pen i can do?")]
   path = tmp_path / "p.jsonl"
   path.write_text('{"question": "a"}\n{"question": ""}\n')
@@ -245,7 +246,6 @@ def test_chat_layout_and_end_of_turn(smollm):
 
 
 def _generate_config(output_dir, **sampling):
-  from configs import generate  # pylint: disable=import-outside-toplevel
   config = generate.get_config("greedy")
   config.output_dir = str(output_dir)
   config.data.start, config.data.limit = 801, 4  # held-out AlpacaEval instructions

@@ -50,7 +50,7 @@ def test_parse_score(text, expected):
 
 def test_templates(tmp_path):
   assert judge.load_template("") == judge.DEFAULT_TEMPLATE
-  paper = judge.load_template("shared:ipo/self_reward_judge_prompt.txt")
+  paper = judge.load_template("paper:self_reward_judge_prompt")
   assert paper.startswith("Review the user's question") and paper.endswith('"Score: " ')
   bad = tmp_path / "rubric.txt"
   bad.write_text("Grade {instruction} from 1 to 5.")

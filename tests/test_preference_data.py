@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ipo_jax import loading, preference_data, tokenizer as tokenizer_lib
-from ipo_jax.data import DataError, shared_data_path
+from ipo_jax.data import DataError
+from tests.conftest import source_path
 
 CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
@@ -101,8 +102,8 @@ def test_jsonl_and_parquet_files_load_the_same(tok, tmp_path):
   assert a.fingerprint() != a.subset([1, 0, 2, 3, 4]).fingerprint()
 
 
-def test_offline_hh_rlhf_pairs_split_at_the_assistant_turn(tok):
-  pset, _ = preference_data.load(str(shared_data_path("prompts/hh_rlhf_harmless_base_test.jsonl.gz")), tok,
+def test_hh_rlhf_pairs_split_at_the_assistant_turn(tok):
+  pset, _ = preference_data.load(source_path("Anthropic/hh-rlhf", split="test", name="harmless-base"), tok,
                                  chat_template=False, limit=20)
   assert len(pset) == 20
   for i in range(20):

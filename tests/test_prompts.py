@@ -1,10 +1,12 @@
 """Instruction sets: the project's defaults, the authors' per-subset file, candidate lists, bad files."""
 
 import json
+import pathlib
 
 import pytest
 
 from ipo_jax import data, prompts, rewardbench
+from tests.conftest import source_path
 
 ALL_SUBSETS = [s for subsets in rewardbench.SUBSET_MAPPING.values() for s in subsets]
 
@@ -25,9 +27,8 @@ def test_every_subset_has_a_category_and_a_default_instruction():
 
 
 def test_paper_prompts_file_gives_each_subset_its_instruction():
-  path = data.shared_data_path("ipo/rewardbench_prompts.json")
-  raw = json.loads(path.read_text())
-  loaded = prompts.load_prompts("shared:ipo/rewardbench_prompts.json")
+  raw = json.loads(pathlib.Path(source_path("paper:rewardbench_prompts")).read_text())
+  loaded = prompts.load_prompts("paper:rewardbench_prompts")
   assert loaded.fallback == raw["fallback_subset"] == "alpacaeval-easy"
   for subset in ALL_SUBSETS:
     assert loaded.instruction(subset) == raw["prompts"][subset]
@@ -36,8 +37,9 @@ def test_paper_prompts_file_gives_each_subset_its_instruction():
 
 
 def test_candidate_file_is_an_ensemble_with_default_for_missing_subsets():
-  loaded = prompts.load_prompts(str(data.shared_data_path("ipo/candidate_prompts.json")))
-  raw = json.loads(data.shared_data_path("ipo/candidate_prompts.json").read_text())
+  path = source_path("paper:candidate_prompts")
+  loaded = prompts.load_prompts(path)
+  raw = json.loads(pathlib.Path(path).read_text())
   assert loaded.fallback == "default" and loaded.max_candidates == 10
   assert loaded.instructions("hep-go") == tuple(raw["hep-go"])
   assert loaded.instructions("llmbar-adver-manual") == (raw["default"],)  # missing in the authors' file
@@ -46,8 +48,8 @@ def test_candidate_file_is_an_ensemble_with_default_for_missing_subsets():
 
 
 def test_category_file_matches_categories_case_insensitively():
-  loaded = prompts.load_prompts("shared:ipo/self_improvement_prompts.json")
-  raw = json.loads(data.shared_data_path("ipo/self_improvement_prompts.json").read_text())["prompts"]
+  loaded = prompts.load_prompts("paper:self_improvement_prompts")
+  raw = json.loads(pathlib.Path(source_path("paper:self_improvement_prompts")).read_text())["prompts"]
   assert loaded.instruction("math-prm") == raw["Math"]
   assert loaded.instruction("donotanswer") == raw["Safety"]
   assert loaded.instruction("alpacaeval-easy") == raw["chat"]

@@ -3,14 +3,19 @@
 import gzip
 import json
 
+import pathlib
+
 import ml_collections
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from configs import rewardbench as rewardbench_config
-from ipo_jax import data, main, prompts, rewardbench, runtime, scoring
+from ipo_jax import data, main, prompts, rewardbench, runtime, scoring, sources
+from tests.conftest import source_path
 from tests.test_scoring import toy_model
 
-OFFLINE = "shared:reward_bench/reward_bench_filtered.jsonl.gz"
+OFFLINE = rewardbench.DEFAULT_HUB_ID  # its filtered split, resolved through ipo_jax.sources
 
 
 def data_config(**overrides):
@@ -35,19 +40,23 @@ def good_rows(n=3):
 
 
 def test_constants_match_rewardbench():
-  official = json.loads(data.shared_data_path("reward_bench/official_constants.json").read_text())
+  official = json.loads(pathlib.Path(source_path("reward-bench:constants")).read_text())
   assert rewardbench.EXAMPLE_COUNTS == official["example_counts"]
   assert {k: list(v) for k, v in rewardbench.SUBSET_MAPPING.items()} == official["subset_mapping"]
 
 
 def test_section_scores_reproduce_the_published_example():
-  example = json.loads(data.shared_data_path("reward_bench/section_scores_example.json").read_text())
+  """The per-subset accuracies of RewardBench's README example; the expected values are what its own
+  `calculate_scores_per_section` gives for them."""
+  example = json.loads(pathlib.Path(source_path("reward-bench:section_example")).read_text())
   sections = rewardbench.section_scores(example["per_subset_accuracy"])
-  assert sections.keys() == example["expected_sections"].keys()
-  for name, value in example["expected_sections"].items():
+  expected = {"Chat": 0.6089385474860335, "Chat Hard": 0.44956140350877194, "Safety": 0.7216216216216216,
+              "Reasoning": 0.46675669776831996}
+  assert sections.keys() == expected.keys()
+  for name, value in expected.items():
     assert sections[name] == pytest.approx(value, abs=1e-12)
   score = rewardbench.overall_score(sections, example["per_subset_accuracy"])
-  assert score == pytest.approx(example["expected_mean_of_sections"], abs=1e-12)
+  assert score == pytest.approx(0.5617195675961868, abs=1e-12)
 
 
 def test_prior_sets_weigh_half_a_section_and_the_paper_view():
@@ -96,15 +105,17 @@ def test_offline_copy_loads_with_keys_unique_per_subset():
   assert {("donotanswer", "3692"), ("hep-python", "3692")} <= {rewardbench.pair_key(r) for r in pairs}
 
 
-def test_empty_path_falls_back_to_the_offline_copy(monkeypatch, tmp_path):
+def test_without_cache_or_hub_the_offline_copy_is_read(monkeypatch, tmp_path):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  assert rewardbench.load_pairs(data_config(max_per_subset=1)).source.endswith("reward_bench_filtered.jsonl.gz")
-  (tmp_path / "reward_bench").mkdir()  # the environment variable points at another copy
+  monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+  (tmp_path / "reward_bench").mkdir()  # $IPO_JAX_DATA points at a copy of our own
   with gzip.open(tmp_path / "reward_bench" / "reward_bench_filtered.jsonl.gz", "wt") as f:
     f.writelines(json.dumps(r) + "\n" for r in good_rows(2))
-  monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
-  assert len(rewardbench.load_pairs(data_config())) == 2
-  with pytest.raises(FileNotFoundError, match="no offline copy of the 'raw' split"):
+  monkeypatch.setenv(sources.DATA_ENV, str(tmp_path))
+  pairs = rewardbench.load_pairs(data_config(path=""))  # empty: allenai/reward-bench
+  assert len(pairs) == 2 and pairs.source.startswith("allenai/reward-bench:filtered (" + str(tmp_path))
+  with pytest.raises(sources.SourceUnavailable, match=r"^cannot get hub data set allenai/reward-bench split raw: "
+                     r"tried cache .*; remote \(offline mode is set\)\. Fix: connect to the network"):
     rewardbench.load_pairs(data_config(split="raw"))
 
 
@@ -115,14 +126,16 @@ def test_subset_selection():
     rewardbench.load_pairs({"path": OFFLINE, "subsets": ["hep-cobol"]})
 
 
-def test_parquet_with_renamed_columns():
-  path = str(data.shared_data_path("reward_bench/rewardbench_filtered.parquet"))
+def test_parquet_with_renamed_columns(tmp_path):
+  offline = rewardbench.load_pairs(data_config(path=OFFLINE, max_per_subset=2))
+  renamed = {"prompt": "question", "chosen": "response_A", "rejected": "response_B"}
+  path = str(tmp_path / "renamed.parquet")
+  pq.write_table(pa.Table.from_pylist([{renamed.get(k, k): v for k, v in r.items()} for r in offline]), path)
   with pytest.raises(data.DataError, match="row 0 has a missing or empty field 'prompt'"):
     rewardbench.load_pairs(data_config(path=path))
   cfg = data_config(path=path, max_per_subset=2)
-  cfg.columns = ml_collections.ConfigDict({"prompt": "question", "chosen": "response_A", "rejected": "response_B"})
+  cfg.columns = ml_collections.ConfigDict(renamed)
   pairs = rewardbench.load_pairs(cfg)
-  offline = rewardbench.load_pairs(data_config(path=OFFLINE, max_per_subset=2))
   assert list(pairs) == list(offline)
 
 
@@ -242,10 +255,10 @@ def test_run_writes_outputs_and_resumes_after_an_interruption(tmp_path, monkeypa
 
 def test_config_variants():
   paper = rewardbench_config.get_config("paper")
-  assert paper.scoring.truncation == "paper" and paper.scoring.prompts_file.endswith("rewardbench_prompts.json")
+  assert paper.scoring.truncation == "paper" and paper.scoring.prompts_file == "paper:rewardbench_prompts"
   assert prompts.prompts_from_config(paper.scoring.prompts_file).fallback == "alpacaeval-easy"
   combined = rewardbench_config.get_config("ensemble,demo")
-  assert combined.scoring.prompts_file.endswith("candidate_prompts.json") and combined.data.max_per_subset == 2
+  assert combined.scoring.prompts_file == "paper:candidate_prompts" and combined.data.max_per_subset == 2
   assert rewardbench_config.get_config("chat").scoring.layout == "chat"
   assert scoring.Settings.from_config(rewardbench_config.get_config().scoring) == scoring.Settings()
   with pytest.raises(ValueError, match="unknown variant"):

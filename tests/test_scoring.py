@@ -17,6 +17,7 @@ import pytest
 from ipo_jax import data, loading, modeling, prompts, scoring, sharding
 from ipo_jax import tokenizer as tokenizer_lib
 from ipo_jax.config import ModelConfig
+from tests.conftest import source_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,9 +56,7 @@ def toy_model(mesh=None, tokenizer=None):
 
 @functools.lru_cache(maxsize=None)
 def rewardbench_rows():
-  path = data.shared_data_path("reward_bench/reward_bench_filtered.jsonl.gz")
-  with gzip.open(path, "rt", encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
+  return data.read_local(source_path("allenai/reward-bench", split="filtered"))
 
 
 def short_rows(count, max_chars=700, stride=7):
@@ -355,7 +354,7 @@ def test_paper_scorer_matches_hf_pytorch_on_rewardbench_rows(smollm):
   path = loading.embedded_model_path()
   hf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=torch.float32).eval()
-  paper_prompts = prompts.load_prompts("shared:ipo/rewardbench_prompts.json")
+  paper_prompts = prompts.load_prompts("paper:rewardbench_prompts")
   rows = short_rows(6, max_chars=900, stride=331)
   assert len({r["subset"] for r in rows}) >= 4
   settings = scoring.Settings(truncation="paper", max_programs=2, progress=False)

@@ -24,14 +24,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
 MODES = {"sampled": dict(temperature=0.7, top_p=0.9), "greedy": dict(temperature=0.0)}
 
 
 def _prompts(tokenizer, count: int) -> list[str]:
   from ipo_jax import data, generation
-  rows = data.read_records("shared:prompts/alpaca_eval.jsonl")[:count]
+  rows = data.read_records("tatsu-lab/alpaca_eval", split="eval", name="alpaca_eval")[:count]
   return [generation.format_prompt(tokenizer, row["instruction"]) for row in rows]
 
 

@@ -28,8 +28,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
 
 RUNS = ("paper", "tuned", "jax", "tuned_bf16", "jax_bf16")
 
@@ -41,9 +39,8 @@ def _peak_rss_gb() -> float:
 def _sequences(tokenizer, per_subset: int, max_length: int) -> tuple[list[list[int]], list[str]]:
   """Token ids of every (chosen, rejected) of the slice, laid out exactly as the paper's code does."""
   from ipo_jax import prompts, rewardbench, scoring
-  pairs = rewardbench.load_pairs({"path": "shared:reward_bench/reward_bench_filtered.jsonl.gz",
-                                  "max_per_subset": per_subset})
-  paper = prompts.load_prompts("shared:ipo/rewardbench_prompts.json")
+  pairs = rewardbench.load_pairs({"path": rewardbench.DEFAULT_HUB_ID, "max_per_subset": per_subset})
+  paper = prompts.load_prompts("paper:rewardbench_prompts")
   layout = scoring.make_layout(scoring.Settings())
   examples = [(paper.instruction(p["subset"]), p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
   encoded = scoring.encode_examples(tokenizer, layout, examples, max_length, truncation="paper")
