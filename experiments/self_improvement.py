@@ -26,10 +26,8 @@ import argparse
 import importlib.util
 import os
 import pathlib
-import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from ipo_jax import data as data_lib  # pylint: disable=wrong-import-position
 from ipo_jax import self_improve  # pylint: disable=wrong-import-position

@@ -65,8 +65,8 @@ def test_rewardbench_comparison_scores_the_same_pairs(tmp_path):
 
 def test_ensemble_comparison_differs_only_in_the_instructions(tmp_path):
   single, ensemble = rewardbench_ensemble.run_configs("embedded", str(tmp_path), 0, 5)
-  assert single.scoring.prompts_file.endswith("rewardbench_prompts.json")
-  assert ensemble.scoring.prompts_file.endswith("candidate_prompts.json")
+  assert single.scoring.prompts_file == "paper:rewardbench_prompts"
+  assert ensemble.scoring.prompts_file == "paper:candidate_prompts"
   assert (single.data.max_per_subset, ensemble.data.max_per_subset) == (0, 5)
   strip = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("scoring", "data", "output_dir")}
   assert strip(single) == strip(ensemble)

@@ -8,11 +8,14 @@ import nbclient
 import nbformat
 
 from ipo_jax import data as data_lib
+from tests.conftest import source_path
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "colab_ipo_jax.ipynb"
 
 
 def test_notebook_executes(tmp_path, monkeypatch):
+  source_path("allenai/reward-bench", split="filtered")  # the notebook's data, or a skip with the reason
+  source_path("tatsu-lab/alpaca_eval", split="eval", name="alpaca_eval")
   monkeypatch.setenv("IPO_JAX_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("IPO_JAX_NOTEBOOK_OUTPUT", str(tmp_path))
   notebook = nbformat.read(NOTEBOOK, as_version=4)
