@@ -1,4 +1,4 @@
-"""Sample responses to instructions into `generations.jsonl` (see ipo_jax/generation.py).
+"""Sample responses to instructions into `generations.jsonl` (engine: ipo_jax/sample/engine.py).
 
   python -m ipo_jax.main --config configs/generate.py --config.output_dir=runs/generate
       4 samples x 256 tokens at temperature 0.7 for each of the 805 AlpacaEval instructions.
@@ -17,60 +17,37 @@ settings than the first run's are an error.
 Throughput for SmolLM2-135M on a 2-core CPU: see experiments/bench/generation.py.
 """
 
-import ml_collections
-
-from ipo_jax import defaults
+from configs import common
 
 VARIANTS = ("greedy", "local", "mt_bench", "hh_rlhf", "raw")
 
 
 def get_config(arg=None):
-  variants = defaults.parse_variants(arg, VARIANTS)
-
+  v = common.parse_arg(arg, valid=VARIANTS)
   # Row (prompt i, sample s) samples with fold_in(fold_in(key(config.seed), i), s).
-  config = defaults.base("generate", output_dir="runs/generate")
+  config = common.base("generate", output_dir="runs/generate")
 
-  # Instructions: a hub id (with split and configuration), a source name, or a local .jsonl/.json/.parquet;
-  # AlpacaEval, MT-Bench and HH-RLHF resolve through ipo_jax/sources.py (cache, remote, offline copy).
-  config.data = ml_collections.ConfigDict()
-  config.data.path = "tatsu-lab/alpaca_eval"
-  config.data.split = "eval"  # hub data sets only
-  config.data.name = "alpaca_eval"  # hub data set configuration (or data directory)
-  config.data.format = "auto"  # auto | instruction | mt_bench (first of `turns`) | hh_rlhf (first human turn)
-  config.data.field = ""  # empty: the format's field (instruction, turns, chosen)
+  # Instructions (AlpacaEval, MT-Bench and HH-RLHF resolve through ipo_jax/sources.py: cache, remote, offline copy).
+  config.data = common.instructions()
   config.data.start = 0  # rows [start, start + limit) of the file; limit 0: to the end
   config.data.limit = 0
-  config.data.skip_invalid = False  # skip (and count) rows without a prompt instead of failing
-  config.data.chat_template = True  # one user turn in the model's chat template; False: the raw instruction
   config.data.system_prompt = ""  # a system turn before it (chat) or a first paragraph (raw)
+  config.sampling = common.sampling()
 
-  # Sampling: temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off (applied in this order).
-  config.sampling = ml_collections.ConfigDict()
-  config.sampling.num_samples = 4  # per instruction; they share one prefilled prompt
-  config.sampling.max_new_tokens = 256
-  config.sampling.temperature = 0.7
-  config.sampling.top_k = 0
-  config.sampling.top_p = 1.0
-  config.sampling.min_p = 0.0
-  config.sampling.stop_token_ids = ()  # besides EOS and the chat template's end-of-turn
-  # Speed: instructions per compiled batch (rows = batch_size x num_samples); longer prompts keep their end.
-  config.sampling.batch_size = 16
-  config.sampling.max_prompt_tokens = 1024
-
-  if "greedy" in variants:
+  if v.greedy:
     config.sampling.temperature = 0.0
     config.sampling.num_samples = 1
     config.output_dir = "runs/generate_greedy"
-  if "mt_bench" in variants:
+  if v.mt_bench:
     config.data.update(path="fastchat:mt_bench_questions", split="", name="")
     config.output_dir = "runs/generate_mt_bench"
-  if "hh_rlhf" in variants:
+  if v.hh_rlhf:
     config.data.update(path="Anthropic/hh-rlhf", split="test", name="harmless-base")
     config.output_dir = "runs/generate_hh_rlhf"
-  if "raw" in variants:
+  if v.raw:
     config.data.chat_template = False
     config.output_dir += "_raw"
-  if "local" in variants:
+  if v.local:
     config.data.limit = 8
     config.sampling.num_samples = min(config.sampling.num_samples, 2)
     config.sampling.max_new_tokens = 32

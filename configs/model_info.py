@@ -9,12 +9,12 @@ About 15 s on a 2-core CPU for the embedded SmolLM2-135M-Instruct (most of it GG
 
 import ml_collections
 
-from ipo_jax import defaults
+from configs import common
 
 
 def get_config(arg=None):
   del arg
-  config = defaults.base("model_info")
+  config = common.base("model_info")
 
   # What to ask the model.
   config.info = ml_collections.ConfigDict()

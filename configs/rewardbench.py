@@ -22,56 +22,28 @@ in fp32 on a 2-core CPU (one compiled program: packed rows, each pair's shared s
 K times as long (experiments/rewardbench_ensemble.py compares the two).
 """
 
-import ml_collections
-
-from ipo_jax import defaults
+from configs import common
 
 VARIANTS = ("paper", "chat", "ensemble", "demo", "local")
 
 
 def get_config(arg=None):
-  variants = defaults.parse_variants(arg, VARIANTS)
+  v = common.parse_arg(arg, valid=VARIANTS)
+  config = common.base("rewardbench", output_dir="runs/rewardbench")
+  config.data = common.rewardbench_data()
+  config.scoring = common.scoring()
 
-  config = defaults.base("rewardbench", output_dir="runs/rewardbench")
-
-  # Pairs (see defaults.rewardbench_data).
-  config.data = defaults.rewardbench_data()
-  config.data.columns = ml_collections.ConfigDict()  # our field -> the file's column, e.g. prompt="question"
-
-  # The classifier.
-  config.scoring = ml_collections.ConfigDict()
-  config.scoring.layout = "paper"  # paper | chat | template
-  config.scoring.template = ""  # for layout=template: a string with {instruction}, {prompt}, {response}
-  config.scoring.prompts_file = ""  # empty: the project's instructions (ipo_jax/prompts.py); a file or a source
-  config.scoring.yes = ""  # answer strings; empty: " Yes"/" No" (paper, template) or "Yes"/"No" (chat)
-  config.scoring.no = ""
-  config.scoring.max_length = 1024
-  config.scoring.truncation = "keep_question"  # keep_question: cut the response, then the prompt | paper: right
-  config.scoring.ensemble = "mean_prob"  # how several instructions per subset combine: mean_prob | mean_log_odds
-  # Speed: length buckets chosen from the data, at most max_programs compiled programs.
-  config.scoring.batch_tokens = 0  # tokens per batch (rows = batch_tokens // bucket length, <= max_batch);
-  # 0: 2048 on CPU (activations stay in cache), 8192 on an accelerator
-  config.scoring.max_batch = 64
-  config.scoring.max_programs = 8
-  config.scoring.length_multiple = 32  # bucket lengths are multiples of this
-  config.scoring.buckets = ()  # fixed bucket lengths instead of the chosen ones
-  config.scoring.shared_prefix = True  # run the tokens a chosen/rejected pair shares once (when it saves work)
-  config.scoring.prefix_length = 0  # shared-prefix slots; 0: chosen from the data
-  config.scoring.window = 256  # pairs whose prefixes are cached (or sequences packed) together
-  config.scoring.packing = "auto"  # several sequences per row, no padding, 1 program: auto | always | never
-  config.scoring.progress = True
-
-  if "paper" in variants:
+  if v.paper:
     config.scoring.prompts_file = "paper:rewardbench_prompts"
     config.scoring.truncation = "paper"
     config.output_dir = "runs/rewardbench_paper"
-  if "chat" in variants:
+  if v.chat:
     config.scoring.layout = "chat"
     config.output_dir = "runs/rewardbench_chat"
-  if "ensemble" in variants:
+  if v.ensemble:
     config.scoring.prompts_file = "paper:candidate_prompts"
     config.output_dir = "runs/rewardbench_ensemble"
-  if "demo" in variants or "local" in variants:
+  if v.demo or v.local:
     config.data.max_per_subset = 2
     config.scoring.max_length = 512
     config.scoring.max_programs = 4

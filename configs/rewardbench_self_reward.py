@@ -20,50 +20,27 @@ The full filtered split (2985 pairs = 5970 judgements of up to 200 tokens) takes
 2-core CPU; use an accelerator.
 """
 
-import ml_collections
-
-from ipo_jax import defaults
+from configs import common
 
 VARIANTS = ("paper", "generative", "demo", "local")
 
 
 def get_config(arg=None):
-  variants = defaults.parse_variants(arg, VARIANTS)
-
-  config = defaults.base("rewardbench_self_reward", output_dir="runs/rewardbench_self_reward")
+  v = common.parse_arg(arg, valid=VARIANTS)
+  config = common.base("rewardbench_self_reward", output_dir="runs/rewardbench_self_reward")
   config.compare_with = ""  # comma-separated output dirs of other RewardBench runs, shown side by side in report.md
+  config.data = common.rewardbench_data()
+  config.judge = common.judge()
+  config.sampling = common.judge_sampling()  # decoding of the judgement (the paper: temperature 0.1, 200 tokens)
 
-  # Pairs (see defaults.rewardbench_data).
-  config.data = defaults.rewardbench_data()
-  config.data.columns = ml_collections.ConfigDict()  # our field -> the file's column, e.g. prompt="question"
-
-  # The judge.
-  config.judge = ml_collections.ConfigDict()
-  config.judge.prompt_file = ""  # a rubric with {instruction} and {response}; empty: the project's own wording
-  config.judge.chat_template = True  # the rubric as one user turn of the chat template; False: raw text
-  config.judge.max_prompt_tokens = 2048
-  config.judge.truncation = "keep_question"  # keep_question: cut the response, then the question | paper: right
-  config.judge.unparsable_score = 0.0  # the grade of a judgement without a score (counted in the summary)
-  config.judge.batch_size = 16  # judgements per compiled batch
-  config.judge.progress = True
-
-  # Decoding of the judgement (the paper: temperature 0.1, at most 200 new tokens).
-  config.sampling = ml_collections.ConfigDict()
-  config.sampling.max_new_tokens = 200
-  config.sampling.temperature = 0.1
-  config.sampling.top_k = 0
-  config.sampling.top_p = 1.0
-  config.sampling.min_p = 0.0
-  config.sampling.stop_token_ids = ()
-
-  if "paper" in variants:
+  if v.paper:
     config.judge.prompt_file = "paper:self_reward_judge_prompt"
     config.judge.chat_template = False
     config.judge.truncation = "paper"
     config.output_dir = "runs/rewardbench_self_reward_paper"
-  if "generative" in variants:
+  if v.generative:
     config.judge.unparsable_score = 0.5
-  if "demo" in variants or "local" in variants:
+  if v.demo or v.local:
     config.data.max_per_subset = 1
     config.output_dir = config.output_dir.replace("runs/", "runs/demo_")
   return config

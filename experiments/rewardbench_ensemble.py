@@ -27,7 +27,6 @@ The table goes to <output_dir>/comparison.md and the summaries to <output_dir>/c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 
@@ -35,17 +34,16 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-from ipo_jax import data as data_lib  # pylint: disable=wrong-import-position
-from ipo_jax import rewardbench, scoring  # pylint: disable=wrong-import-position
+from ipo_jax import data as data_lib
+from ipo_jax import main as cli
+from ipo_jax.evals import ipo_rows, rewardbench
+from ipo_jax.tasks import rewardbench as rewardbench_task
 
 DATA = rewardbench.DEFAULT_HUB_ID  # its filtered split, through ipo_jax.sources (cache, hub, offline copy)
 
 
 def _config(arg: str):
-  spec = importlib.util.spec_from_file_location("rewardbench_config", REPO / "configs" / "rewardbench.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return cli.load_config(f"{REPO / 'configs' / 'rewardbench.py'}:{arg}")
 
 
 def run_configs(model: str, output_dir: str, single_max_per_subset: int, ensemble_max_per_subset: int,
@@ -71,7 +69,7 @@ def recombine(rows: list[dict], method: str) -> list[dict]:
     if cand is None:
       out.append(r)
       continue
-    _, key = scoring.combine(np.array([cand["log_odds_chosen"], cand["log_odds_rejected"]]), method)
+    _, key = ipo_rows.combine(np.array([cand["log_odds_chosen"], cand["log_odds_rejected"]]), method)
     out.append({**r, "correct": bool(key[0] > key[1]), "tie": bool(key[0] == key[1])})
   return out
 
@@ -86,8 +84,8 @@ def compare(model: str, output_dir: str, single_max_per_subset: int, ensemble_ma
   """Runs both and returns the Markdown report and the summaries by column name."""
   single_config, ensemble_config = run_configs(model, output_dir, single_max_per_subset, ensemble_max_per_subset,
                                                data, dtype)
-  single = rewardbench.run(single_config)
-  ensemble = rewardbench.run(ensemble_config)
+  single = rewardbench_task.run(single_config)
+  ensemble = rewardbench_task.run(ensemble_config)
   keys = {rewardbench.pair_key(p) for p in rewardbench.load_pairs(ensemble_config.data)}
   ensemble_rows = rewardbench.read_scores(ensemble_config.output_dir, keys)
   single_rows = rewardbench.read_scores(single_config.output_dir, keys)

@@ -22,23 +22,21 @@ the summaries to <output_dir>/comparison.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-from ipo_jax import data as data_lib  # pylint: disable=wrong-import-position
-from ipo_jax import judge, rewardbench  # pylint: disable=wrong-import-position
+from ipo_jax import data as data_lib
+from ipo_jax import main as cli
+from ipo_jax.evals import rewardbench
+from ipo_jax.tasks import rewardbench as rewardbench_task, rewardbench_self_reward
 
 DATA = rewardbench.DEFAULT_HUB_ID  # its filtered split, through ipo_jax.sources (cache, hub, offline copy)
 
 
 def _config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return cli.load_config(f"{REPO / 'configs' / name}.py:{arg}")
 
 
 def method_configs(model: str, output_dir: str, max_per_subset: int, judge_tokens: int, subsets: str = ""):
@@ -60,8 +58,8 @@ def compare(models: list[str], output_dir: str, max_per_subset: int, judge_token
   summaries = {}
   for model in models:
     ipo_config, self_reward_config = method_configs(model, output_dir, max_per_subset, judge_tokens, subsets)
-    summaries[f"{model}: IPO"] = rewardbench.run(ipo_config)
-    summaries[f"{model}: self-reward"] = judge.run(self_reward_config)
+    summaries[f"{model}: IPO"] = rewardbench_task.run(ipo_config)
+    summaries[f"{model}: self-reward"] = rewardbench_self_reward.run(self_reward_config)
   table = rewardbench.comparison_table(summaries)
   os.makedirs(output_dir, exist_ok=True)
   keep = ("score", "sections", "paper", "counts", "wall_time_s")

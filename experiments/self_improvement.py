@@ -23,24 +23,22 @@ Each arm's run is resumable (rerun the same command); the table goes to <output_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-from ipo_jax import data as data_lib  # pylint: disable=wrong-import-position
-from ipo_jax import self_improve  # pylint: disable=wrong-import-position
+from ipo_jax import data as data_lib
+from ipo_jax import main as cli
+from ipo_jax.evals import improvement
+from ipo_jax.tasks import self_improve
 
 COLUMNS = ("arm", "round", "win_rate", "judge_score", "mean_length", "rewardbench", "pairs", "dpo_loss",
            "dpo_accuracy")
 
 
 def arm_config(size: str, arm: str, output_dir: str, model: str | None, rounds: int, reward_model: str = ""):
-  spec = importlib.util.spec_from_file_location("self_improve_config", REPO / "configs" / "self_improve.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"{size},{arm}" if size else arm)
+  config = cli.load_config(f"{REPO / 'configs' / 'self_improve.py'}:{f'{size},{arm}' if size else arm}")
   config.output_dir = os.path.join(output_dir, arm)
   config.rounds = rounds
   if model:
@@ -60,7 +58,7 @@ def compare_arms(size: str, arms: list[str], output_dir: str, model: str | None 
     rows.append(summary["rounds"][-1])
   data_lib.write_json(os.path.join(output_dir, "arms.json"), rows)
   with open(os.path.join(output_dir, "arms.md"), "w", encoding="utf-8") as f:
-    f.write(self_improve.markdown_table(rows, COLUMNS))
+    f.write(improvement.markdown_table(rows, COLUMNS))
   return rows
 
 
@@ -78,7 +76,7 @@ def main() -> None:
   arms = args.arms.split(",") if args.arms else [a for a in self_improve.ARMS
                                                  if a != "reward_model" or args.reward_model]
   rows = compare_arms(args.size, arms, args.output_dir, args.model, args.rounds, args.reward_model)
-  print(self_improve.markdown_table(rows, COLUMNS))
+  print(improvement.markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

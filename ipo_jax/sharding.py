@@ -1,35 +1,54 @@
-"""Named mesh, partition rules and sharding helpers.
+"""Named mesh, logical-axis sharding rules and sharding helpers.
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (batch and parameter sharding), `tensor` (heads / MLP width /
-vocabulary). The batch is split over (data, fsdp). A dimension that an axis does not divide stays unsharded on it.
+vocabulary). Arrays name their dimensions by logical axes (MaxText style): parameters in ipo_jax/model/params.py,
+activations and the KV cache in ipo_jax/model/transformer.py. `LOGICAL_RULES`, the one table here, maps them to mesh
+axes. A dimension that its mesh axes do not divide stays unsharded on them.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax.linen import logical_to_mesh_axes
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
+from ipo_jax.model import params as params_lib
 
-# (regex on the "/"-joined parameter path, spec of the trailing dims). Stacked layer params get a leading None.
-PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
-    (r"^embed$", ("tensor", "fsdp")),
-    (r"^lm_head$", ("tensor", "fsdp")),
-    (r"^score$", (None, "fsdp")),
-    (r"layers/(q|k|v|gate|up)$", ("fsdp", "tensor")),
-    (r"layers/(o|down)$", ("tensor", "fsdp")),
-    (r"layers/(q|k|v)_bias$", ("tensor",)),
-    (r"layers/o_bias$", (None,)),
-    (r"(norm|_norm)$", (None,)),
-    (r"lora_a$", ("fsdp", None)),
-    (r"lora_b$", (None, "tensor")),
+AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes, in priority order (flax semantics): a dimension takes its mesh axes only when no earlier
+# rule gave them to another dimension of the same array. So the residual stream's `embed` of an activation stays
+# whole (`batch` already holds fsdp), while a parameter's `embed` is split over fsdp.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),  # query heads (in parameters: heads x head_dim features)
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),  # the residual-stream width of a parameter matrix
+    ("lora_in", "fsdp"),  # LoRA A's input features
+    ("lora_out", "tensor"),  # LoRA B's output features
+    ("layers", None),
+    ("length", None),
+    ("head_dim", None),
+    ("norm", None),  # residual-width vectors: norm scales, the o bias
+    ("labels", None),
+    ("lora_rank", None),
 )
+_LOGICAL = dict(LOGICAL_RULES)
+BATCH = _LOGICAL["batch"]
+
+
+def logical_spec(axes: Sequence[str | None]) -> P:
+  """The mesh PartitionSpec of an array whose dims have these logical axes (None: unsharded)."""
+  unknown = [a for a in axes if a is not None and a not in _LOGICAL]
+  if unknown:
+    raise ValueError(f"unknown logical axes {unknown}; known: {list(_LOGICAL)}")
+  return logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
@@ -65,43 +84,41 @@ def _fit(spec: Sequence[Any], shape: Sequence[int], mesh: Any) -> P:
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh) -> P:
-  """Partition spec of one parameter from `PARTITION_RULES`."""
-  for pattern, trailing in PARTITION_RULES:
-    if re.search(pattern, path):
-      lead = (None,) * (len(shape) - len(trailing))
-      return _fit(lead + tuple(trailing), shape, mesh)
-  raise ValueError(f"no partition rule matches parameter {path!r}")
+  """Partition spec of one parameter (or LoRA adapter) from its logical axes."""
+  return _fit(logical_spec(params_lib.logical_axes(path, len(shape))), shape, mesh)
 
 
 def path_str(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+  """A pytree key path as "/"-joined keys ("layers/q")."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def param_shardings(shapes: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a pytree of arrays or ShapeDtypeStructs."""
+  """NamedShardings for a pytree of parameters or adapters (arrays or ShapeDtypeStructs)."""
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, spec_for(path_str(p), x.shape, mesh)), shapes)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+  """Rows split over the batch axes, the other `ndim - 1` dims whole."""
+  return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1)))
 
 
 def batch_multiple(mesh: Mesh) -> int:
-  """Batch sizes must be a multiple of this to split over (data, fsdp)."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  """Batch sizes must be a multiple of this to split over the batch axes (data, fsdp)."""
+  return math.prod(mesh.shape[a] for a in BATCH)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def constrain(x: jax.Array, spec: P) -> jax.Array:
-  """`with_sharding_constraint` under the mesh set with `jax.set_mesh`; a no-op without one."""
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` to the logical `axes` under the mesh set with `jax.set_mesh`; a no-op without one."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(AXES) <= set(mesh.axis_names):
     return x
-  return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, _fit(logical_spec(axes), x.shape, mesh))
 
 
 def to_global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:

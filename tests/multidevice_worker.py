@@ -18,7 +18,8 @@ def main(argv):
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id)
   from jax.experimental import multihost_utils
 
-  from ipo_jax import loading, sharding
+  from ipo_jax import sharding
+  from ipo_jax.model import loading
   from tests import hf_checkpoints
 
   mesh = sharding.make_mesh(mesh_shape)

@@ -35,3 +35,11 @@ def test_model_info_with_overrides():
   probs = [float(line.split()[0]) for line in out.stdout.splitlines() if line.startswith("    0.")]
   assert len(probs) == 3 and probs == sorted(probs, reverse=True)
   assert "' Paris'" in out.stdout.split("prompt")[-1]
+
+
+def test_configs_load_from_any_working_directory(tmp_path):
+  """configs/*.py import `configs.common`: the folder holding configs/ is importable wherever the command runs."""
+  out = subprocess.run([sys.executable, "-m", "ipo_jax.main", "--config",
+                        os.path.join(ROOT, "configs", "rewardbench.py") + ":demo,chat", "--config.task=nope"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert out.returncode != 0 and "unknown task 'nope'" in out.stderr

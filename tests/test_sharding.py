@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from ipo_jax import loading, modeling, sharding
-from ipo_jax.config import ModelConfig
+from ipo_jax import sharding
+from ipo_jax.model import params as params_lib, transformer
+from ipo_jax.model.architecture import ModelConfig
 from tests import hf_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ def test_rules_shard_every_parameter_kind():
   mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.AXES)
   cfg = ModelConfig(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, post_norms=True, qkv_bias=True)
-  shapes = modeling.param_shapes(cfg)
+  shapes = params_lib.param_shapes(cfg)
   specs = {sharding.path_str(p): sharding.spec_for(sharding.path_str(p), s, mesh) for p, s in
            jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
   assert specs["embed"] == jax.sharding.PartitionSpec("tensor", "fsdp")
@@ -37,6 +38,18 @@ def test_rules_shard_every_parameter_kind():
   assert specs["layers/attn_norm"] == jax.sharding.PartitionSpec(None, None)
   # A dimension the axis does not divide stays whole: 3 heads × 8 = 24 is not divisible by fsdp=4... but 32 is.
   assert sharding.spec_for("layers/k", (2, 30, 16), mesh) == jax.sharding.PartitionSpec(None, None, "tensor")
+
+
+def test_logical_axes_of_activations_and_cache():
+  """Activations keep the residual width whole (the batch holds fsdp); the KV cache splits rows and KV heads."""
+  P = jax.sharding.PartitionSpec
+  assert sharding.logical_spec(transformer.HIDDEN) == P(("data", "fsdp"), None, None)
+  assert sharding.logical_spec(transformer.QUERIES) == P(("data", "fsdp"), None, "tensor", None)
+  assert sharding.logical_spec(transformer.MLP_HIDDEN) == P(("data", "fsdp"), None, "tensor")
+  assert sharding.logical_spec(transformer.CACHE_AXES["k"]) == P(None, ("data", "fsdp"), None, "tensor", None)
+  assert sharding.logical_spec(("vocab", None)) == P("tensor", None)
+  with pytest.raises(ValueError, match="unknown logical axes"):
+    sharding.logical_spec(("batch", "hidden"))
 
 
 def test_make_mesh_errors():

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from configs import dpo, generate, rewardbench as rewardbench_config, rewardbench_self_reward, self_improve
-from ipo_jax import data, sources
+from ipo_jax import data, literals, sources
 
 AUTHORS_FILE = b'''import torch
 
@@ -72,7 +72,7 @@ def remote(monkeypatch, tmp_path):
 def _source(**overrides):
   fields = dict(name="test:prompts", kind="github", repo="owner/repo", path="src/ours.py", commit="abc123",
                 sha256=hashlib.sha256(AUTHORS_FILE).hexdigest(),
-                extract=sources.prompt_table("get_eval_prompt", "fallback_subset",
+                extract=literals.prompt_table("get_eval_prompt", "fallback_subset",
                                              layout={"prompt_template": "instruction", "instruction": "prompt",
                                                      "response": "response"}),
                 filename="test/prompts.json", offline="ipo/test_prompts.json")
@@ -166,12 +166,12 @@ def test_lookup_matches_hub_ids_by_split_and_configuration():
 
 
 def test_extractors_of_module_constants_and_readme_dicts():
-  constants = sources.module_constants(counts="COUNTS")(b"import x\nCOUNTS = {'a': 1, 'b': 2}\nOTHER = 3\n", "o")
+  constants = literals.module_constants(counts="COUNTS")(b"import x\nCOUNTS = {'a': 1, 'b': 2}\nOTHER = 3\n", "o")
   assert json.loads(constants) == {"source": "o", "counts": {"a": 1, "b": 2}}
   readme = b"Text\n```\nmetrics = {\n  \"a\": 0.5,\n  \"model\": \"m\",\n  \"b\": 1\n}\n```\n"
-  assert json.loads(sources.readme_dict("metrics", "acc")(readme, "o")) == {"source": "o", "acc": {"a": 0.5, "b": 1}}
+  assert json.loads(literals.readme_dict("metrics", "acc")(readme, "o")) == {"source": "o", "acc": {"a": 0.5, "b": 1}}
   text = b'def get_comparative_prompt(a):\n    comparative_prompt = """Compare {x}\n and {y}"""\n    return 1\n'
-  assert sources.string_literal("get_comparative_prompt", "comparative_prompt")(text, "o") == b"Compare {x}\n and {y}"
+  assert literals.string_literal("get_comparative_prompt", "comparative_prompt")(text, "o") == b"Compare {x}\n and {y}"
 
 
 def _data_options(config, prefix=""):

@@ -15,7 +15,6 @@ rejected, optimizer update) after `--warmup` iterations; ipo_jax compiles in its
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -56,19 +55,18 @@ def _peak_rss_mb() -> float:
 
 
 def run_ours(args) -> dict:
-  from ipo_jax import loading, preference_data, trainer  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("configs_dpo", os.path.join(ROOT, "configs", "dpo.py"))
-  dpo_config = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(dpo_config)
+  from ipo_jax.train import loop, metrics, pairs as pairs_lib  # pylint: disable=import-outside-toplevel
+  from ipo_jax.model import loading  # pylint: disable=import-outside-toplevel
+  from ipo_jax import main as cli  # pylint: disable=import-outside-toplevel
 
   t0 = time.time()
   model = loading.load_model("embedded", dtype="float32")
   load_s, load_rss = time.time() - t0, _peak_rss_mb()
   rows = pairs(model.tokenizer, args.batch * (args.warmup + args.steps), args.seq)
-  pset, _ = preference_data.tokenize_rows(rows, model.tokenizer, source="bench", chat_template=False)
+  pset, _ = pairs_lib.tokenize_rows(rows, model.tokenizer, source="bench", chat_template=False)
   lengths = {len(p) + len(c) for p, c in zip(pset.prompt_ids, pset.chosen_ids)}
   lengths |= {len(p) + len(r) for p, r in zip(pset.prompt_ids, pset.rejected_ids)}
-  c = dpo_config.get_config()
+  c = cli.load_config(os.path.join(ROOT, "configs", "dpo.py"))
   c.output_dir = tempfile.mkdtemp()
   c.data.update(max_length=args.seq, max_prompt_length=args.seq - 1)
   c.optim.update(learning_rate=5e-5, warmup_ratio=0.0, schedule="constant", max_grad_norm=1.0)
@@ -77,9 +75,9 @@ def run_ours(args) -> dict:
   c.checkpoint.update(every=0)
   c.log.update(every=1, tensorboard=False, tqdm=False, plot=False)
   t0 = time.time()
-  _, summary = trainer.train_dpo(model, pset, c)
+  _, summary = loop.train_dpo(model, pset, c)
   total_s = time.time() - t0
-  rows = [r for r in trainer.read_metrics(os.path.join(c.output_dir, trainer.METRICS_FILE)) if r["split"] == "train"]
+  rows = [r for r in metrics.read_metrics(os.path.join(c.output_dir, metrics.METRICS_FILE)) if r["split"] == "train"]
   times = [r["step_time_s"] for r in rows]
   return {"framework": "ipo_jax", "step_times_s": times, "median_step_s": statistics.median(times[args.warmup:]),
           "first_step_s": times[0], "reference_s": summary["reference_s"], "train_s": total_s, "load_s": load_s,
@@ -92,7 +90,7 @@ def run_trl(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   import trl  # pylint: disable=import-outside-toplevel
-  from ipo_jax import loading  # pylint: disable=import-outside-toplevel
+  from ipo_jax.model import loading  # pylint: disable=import-outside-toplevel
 
   path = loading.embedded_model_path()
   directory, name = os.path.dirname(path), os.path.basename(path)

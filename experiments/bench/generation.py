@@ -28,9 +28,10 @@ MODES = {"sampled": dict(temperature=0.7, top_p=0.9), "greedy": dict(temperature
 
 
 def _prompts(tokenizer, count: int) -> list[str]:
-  from ipo_jax import data, generation
+  from ipo_jax import data
+  from ipo_jax.sample import instructions
   rows = data.read_records("tatsu-lab/alpaca_eval", split="eval", name="alpaca_eval")[:count]
-  return [generation.format_prompt(tokenizer, row["instruction"]) for row in rows]
+  return [instructions.format_prompt(tokenizer, row["instruction"]) for row in rows]
 
 
 def _peak_rss_gb() -> float:
@@ -39,7 +40,8 @@ def _peak_rss_gb() -> float:
 
 def run_jax(args) -> dict:
   import jax
-  from ipo_jax import generation, loading
+  from ipo_jax.model import loading
+  from ipo_jax.sample import engine
   compile_s = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda name, secs, **_: compile_s.append(secs) if name.endswith("backend_compile_duration") else None)
@@ -47,16 +49,16 @@ def run_jax(args) -> dict:
   prompts = _prompts(model.tokenizer, args.prompts)
   results = {}
   for mode, settings in MODES.items():
-    sampling = generation.SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                         num_samples=args.samples if mode == "sampled" else 1, **settings)
+    sampling = engine.SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                     num_samples=args.samples if mode == "sampled" else 1, **settings)
     compile_s.clear()
     start = time.perf_counter()
-    out = generation.generate(model, prompts, sampling, 0, batch_size=len(prompts), progress=False)
+    out = engine.generate(model, prompts, sampling, 0, batch_size=len(prompts), progress=False)
     seconds = time.perf_counter() - start - sum(compile_s)
     tokens = sum(len(g.token_ids) for gens in out for g in gens)
     results[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                      "compile_s": sum(compile_s)}
-  results["compilations"] = generation.num_compilations()
+  results["compilations"] = engine.num_compilations()
   results["peak_rss_gb"] = _peak_rss_gb()
   return results
 
@@ -64,7 +66,7 @@ def run_jax(args) -> dict:
 def run_hf(args) -> dict:
   import torch
   import transformers
-  from ipo_jax import loading
+  from ipo_jax.model import loading
   path = loading.resolve_model_path(args.model)
   kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
   directory = os.path.dirname(path) if path.endswith(".gguf") else path

@@ -6,7 +6,7 @@
 
   (a) paper:  transformers fp32 on CPU, one sequence at a time, logits at every position (as the authors' code).
   (b) tuned:  transformers fp32, sequences sorted by length, left-padded batches, `logits_to_keep=1`.
-  (c) ipo_jax: `ipo_jax.scoring` (the planner's choice of packed rows, length buckets or shared prefixes;
+  (c) ipo_jax: `ipo_jax.ipo.scorer` (the planner's choice of packed rows, length buckets or shared prefixes;
       block-causal attention; two LM-head rows at the scored positions).
 
 All three read the same token ids (paper layout, the authors' prompts, right truncation at 1024) and compute
@@ -38,31 +38,34 @@ def _peak_rss_gb() -> float:
 
 def _sequences(tokenizer, per_subset: int, max_length: int) -> tuple[list[list[int]], list[str]]:
   """Token ids of every (chosen, rejected) of the slice, laid out exactly as the paper's code does."""
-  from ipo_jax import prompts, rewardbench, scoring
+  from ipo_jax.evals import rewardbench
+  from ipo_jax.ipo import layout as layout_lib
+  from ipo_jax.ipo import prompts, scorer
   pairs = rewardbench.load_pairs({"path": rewardbench.DEFAULT_HUB_ID, "max_per_subset": per_subset})
   paper = prompts.load_prompts("paper:rewardbench_prompts")
-  layout = scoring.make_layout(scoring.Settings())
+  layout = layout_lib.make_layout(scorer.Settings())
   examples = [(paper.instruction(p["subset"]), p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
-  encoded = scoring.encode_examples(tokenizer, layout, examples, max_length, truncation="paper")
+  encoded = layout_lib.encode_examples(tokenizer, layout, examples, max_length, truncation="paper")
   return [ids for ids, _ in encoded], [p["subset"] for p in pairs]
 
 
 def _useful_flops(cfg, seqs) -> float:
-  from ipo_jax import scoring
+  from ipo_jax.ipo import planner
   n = np.array([len(s) for s in seqs])
-  return float(scoring.flops(cfg, n, (n + 1) / 2).sum() + scoring.head_flops(cfg) * len(n))
+  return float(planner.flops(cfg, n, (n + 1) / 2).sum() + planner.head_flops(cfg) * len(n))
 
 
 def _answers(tokenizer) -> tuple[int, int]:
-  from ipo_jax import scoring
-  return scoring.answer_ids(tokenizer, scoring.make_layout(scoring.Settings()))
+  from ipo_jax.ipo import layout, scorer
+  return layout.answer_ids(tokenizer, layout.make_layout(scorer.Settings()))
 
 
 def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
   import torch
   import transformers
-  from ipo_jax import loading, scoring, tokenizer as tokenizer_lib
-  from ipo_jax.config import ModelConfig
+  from ipo_jax.ipo import scorer
+  from ipo_jax.model import loading, tokenizer as tokenizer_lib
+  from ipo_jax.model.architecture import ModelConfig
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   path = loading.resolve_model_path(args.model)
@@ -72,7 +75,7 @@ def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
   tokenizer = tokenizer_lib.load_tokenizer(path)
   seqs, _ = _sequences(tokenizer, args.per_subset, args.max_length)
   yes, no = _answers(tokenizer)
-  batch_tokens = scoring.Settings(batch_tokens=args.batch_tokens).tokens_per_batch()  # the same as ipo_jax's
+  batch_tokens = scorer.Settings(batch_tokens=args.batch_tokens).tokens_per_batch()  # the same as ipo_jax's
   p_yes = np.zeros(len(seqs))
   start = time.perf_counter()
   with torch.no_grad():
@@ -106,30 +109,31 @@ def run_hf(args, tuned: bool, dtype: str = "float32") -> dict:
 
 
 def run_jax(args, dtype: str = "float32") -> dict:
-  from ipo_jax import loading, scoring
+  from ipo_jax.ipo import scorer as scorer_lib
+  from ipo_jax.model import loading
   model = loading.load_model(args.model, dtype=dtype)
   seqs, _ = _sequences(model.tokenizer, args.per_subset, args.max_length)
   pairs = [(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(seqs) // 2)]
-  settings = scoring.Settings(batch_tokens=args.batch_tokens, max_programs=args.max_programs,
-                              shared_prefix=not args.no_shared_prefix, packing=args.packing, progress=False)
+  settings = scorer_lib.Settings(batch_tokens=args.batch_tokens, max_programs=args.max_programs,
+                                 shared_prefix=not args.no_shared_prefix, packing=args.packing, progress=False)
   out = {}
   for name in ("cold", "warm"):
-    scorer = scoring.Scorer(model, settings)
-    compiled = scoring.num_compilations()
+    scorer = scorer_lib.Scorer(model, settings)
+    compiled = scorer_lib.num_compilations()
     values = np.zeros((len(seqs), 2))
     start = time.perf_counter()
     for idx, v in scorer.score_pairs(pairs):
       values[idx] = v
     seconds = time.perf_counter() - start
-    out[name] = {"seconds": seconds, "compilations": scoring.num_compilations() - compiled, **scorer.stats,
-                 **scoring.flop_rate(scorer.stats, seconds)}
+    out[name] = {"seconds": seconds, "compilations": scorer_lib.num_compilations() - compiled, **scorer.stats,
+                 **scorer_lib.flop_rate(scorer.stats, seconds)}
   plan = scorer.last_plan
   return {"pairs": len(pairs), "seconds": out["cold"]["seconds"], "warm_seconds": out["warm"]["seconds"],
           "useful_flops": out["cold"]["useful_flops"], "executed_flops": out["cold"]["executed_flops"],
           "slots_per_token": out["cold"]["slots_per_token"], "compilations": out["cold"]["compilations"],
           "plan": {"packed": bool(plan.packed), "prefix": plan.prefix, "buckets": list(plan.buckets),
                    "rows": list(plan.rows)},
-          "p_yes": scoring.sigmoid(values[:, 0]).tolist(), "peak_rss_gb": _peak_rss_gb()}
+          "p_yes": scorer_lib.sigmoid(values[:, 0]).tolist(), "peak_rss_gb": _peak_rss_gb()}
 
 
 def gemm_peak(dtype: str, n: int = 2048, repeats: int = 5) -> dict:

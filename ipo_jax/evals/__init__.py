@@ -1,0 +1,1 @@
+"""Evaluations: the RewardBench taxonomy and evaluator, the judges, reports and plots."""

@@ -1,0 +1,77 @@
+"""RewardBench result rows from the IPO classifier: each pair under its subset's instructions, ensembles combined.
+
+A row holds P(Yes) of both responses (`score_*`, combined over the instructions with `scoring.ensemble`), the mean
+log-odds and Yes+No mass, `correct` (chosen strictly above rejected; ties are wrong and flagged), truncation
+flags, token counts, and with several instructions each candidate's log-odds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ipo_jax.ipo import scorer as scorer_lib
+
+
+def combine(log_odds: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+  """(P(Yes), comparison key) of K scores along the last axis: mean P(Yes) or mean log-odds."""
+  if method == "mean_log_odds":
+    key = log_odds.mean(-1)
+    return scorer_lib.sigmoid(key), key
+  prob = scorer_lib.sigmoid(log_odds).mean(-1)
+  return prob, prob
+
+
+def score_rewardbench_pairs(scorer: scorer_lib.Scorer, rows: Sequence[dict[str, Any]],
+                            prompt_set: Any) -> Iterator[list[dict[str, Any]]]:
+  """Scores (prompt, chosen, rejected, subset) rows under their instructions; yields rows as they finish.
+
+  Each row is scored under every instruction `prompt_set` gives its subset (an ensemble when several, combined
+  with `scoring.ensemble`). All rows share one plan, so the compiled programs stay within `scoring.max_programs`.
+  """
+  items, item_row = [], []
+  for r, row in enumerate(rows):
+    for instruction in prompt_set.instructions(row["subset"]):
+      items.append(instruction)
+      item_row.append(r)
+  examples = [(ins, rows[r]["prompt"], rows[r][side]) for ins, r in zip(items, item_row)
+              for side in ("chosen", "rejected")]
+  encoded = scorer.encode(examples)
+  row_items = [[] for _ in rows]
+  for i, r in enumerate(item_row):
+    row_items[r].append(i)
+  remaining = np.array([2 * len(x) for x in row_items])
+  values = np.zeros((len(encoded), 2))
+  for idx, out in scorer.score_pairs([(encoded[2 * i][0], encoded[2 * i + 1][0]) for i in range(len(items))]):
+    values[idx] = out
+    finished = []
+    for seq in idx:
+      r = item_row[seq // 2]
+      remaining[r] -= 1
+      if remaining[r] == 0:
+        finished.append(_pair_result(rows[r], scorer.settings.ensemble, values, encoded, row_items[r]))
+    if finished:
+      yield finished
+
+
+def _pair_result(row, method, values, encoded, item_idx) -> dict[str, Any]:
+  """The result row of `row` from the scores `values` of its instructions' sequences (`item_idx`)."""
+  seq = np.array([[2 * j, 2 * j + 1] for j in item_idx])  # [K, 2]
+  log_odds, log_mass = values[seq, 0], values[seq, 1]
+  prob, key = combine(log_odds.T, method)
+  result = {
+      "subset": row["subset"], "id": row["id"],
+      "score_chosen": float(prob[0]), "score_rejected": float(prob[1]),
+      "log_odds_chosen": float(log_odds[:, 0].mean()), "log_odds_rejected": float(log_odds[:, 1].mean()),
+      "yes_no_mass_chosen": float(np.exp(log_mass[:, 0]).mean()),
+      "yes_no_mass_rejected": float(np.exp(log_mass[:, 1]).mean()),
+      "correct": bool(key[0] > key[1]), "tie": bool(key[0] == key[1]),
+      "truncated_chosen": any(encoded[s][1] for s in seq[:, 0]),
+      "truncated_rejected": any(encoded[s][1] for s in seq[:, 1]),
+      "tokens_chosen": max(len(encoded[s][0]) for s in seq[:, 0]),
+      "tokens_rejected": max(len(encoded[s][0]) for s in seq[:, 1]),
+  }
+  if len(item_idx) > 1:
+    result["candidates"] = {"log_odds_chosen": log_odds[:, 0].tolist(), "log_odds_rejected": log_odds[:, 1].tolist()}
+  return result

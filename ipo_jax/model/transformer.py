@@ -1,0 +1,375 @@
+"""The decoder family as pure functions over a params pytree.
+
+Params: the layout of ipo_jax/model/params.py (layers stacked on a leading axis and run with `lax.scan`, so a
+30-layer model compiles one layer). Norm weights keep the Hugging Face convention (Gemma's are applied as 1 + w).
+Activations and the KV cache name their logical axes (`HIDDEN`, `CACHE_AXES`; mapped to the mesh by
+ipo_jax/sharding.py). `forward` returns the final hidden
+states; `lm_head` turns chosen positions into logits, optionally for a few vocabulary rows only.
+
+A KV cache (`init_cache`) holds `S` slots per row. A call writes its `T` new tokens at slots
+[length, length + T); a query attends to valid slots at or before its own slot. Positions come from the attention
+mask (left or right padding), continuing from each row's `next_pos`, so a left-padded prefix followed by a
+left-padded continuation is attended exactly as the unpadded concatenation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ipo_jax.model.architecture import SLIDING, ModelConfig, RopeSpec
+from ipo_jax.model.params import param_shapes
+from ipo_jax.sharding import constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+_NEG = -1e30
+_NO_WINDOW = np.iinfo(np.int32).max
+QUERY_BLOCK = 128  # queries per attention block in cache-less calls
+
+# Logical axes (ipo_jax/sharding.py) of the activations and of the KV cache's entries.
+HIDDEN = ("batch", "length", "embed")  # the residual stream [B, T, D]
+QUERIES = ("batch", "length", "heads", "head_dim")
+MLP_HIDDEN = ("batch", "length", "mlp")
+KV = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = {"k": KV, "v": KV, "valid": ("batch", "length"), "pos": ("batch", "length"), "next_pos": ("batch",),
+              "length": ()}
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> np.ndarray:
+  """Inverse frequencies with `linear` or `llama3` scaling, as in transformers' rope init functions."""
+  inv = 1.0 / (spec.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if spec.rope_type == "linear":
+    inv = inv / spec.factor
+  elif spec.rope_type == "llama3":
+    low_wavelen = spec.original_max_position_embeddings / spec.low_freq_factor
+    high_wavelen = spec.original_max_position_embeddings / spec.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / spec.factor, inv)
+    smooth = (spec.original_max_position_embeddings / wavelen - spec.low_freq_factor) / (
+        spec.high_freq_factor - spec.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def _rope_tables(spec: RopeSpec, head_dim: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  angles = positions[..., None].astype(jnp.float32) * rope_inv_freq(spec, head_dim)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, H, Dh]; cos/sin [B, T, Dh] (rotate-half convention of HF)."""
+  half = x.shape[-1] // 2
+  xf = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def _dense(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+  """A projection accumulated in fp32 and returned in x's dtype (on CPU also the fast bf16 GEMM path)."""
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+  return jax.nn.silu(x) if cfg.hidden_act == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def positions_from_mask(attention_mask: jax.Array, start: jax.Array | None = None) -> jax.Array:
+  """Position of each token: the number of real tokens before it (plus each row's `start`)."""
+  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+  if start is not None:
+    pos = pos + start[:, None]
+  return jnp.maximum(pos, 0)
+
+
+def _run_starts(ids: jax.Array) -> jax.Array:
+  return jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
+
+
+def _since_start(values: jax.Array, starts: jax.Array) -> jax.Array:
+  """Inclusive running sum of `values` [B, T] (non-negative) restarted at each `starts`."""
+  total = jnp.cumsum(values, axis=1)
+  return total - jax.lax.cummax(jnp.where(starts, total - values, 0), axis=1)
+
+
+def segment_positions(segment_ids: jax.Array, branch_ids: jax.Array | None = None) -> jax.Array:
+  """Position of each token within its segment of a packed row (segments are contiguous runs of one id).
+
+  With `branch_ids`, a segment is its shared start (branch 0) followed by branches 1, 2, ... that each continue
+  from the end of the shared start."""
+  starts = _run_starts(segment_ids)
+  ones = jnp.ones_like(segment_ids)
+  if branch_ids is None:
+    return _since_start(ones, starts) - 1
+  shared = _since_start((branch_ids == 0).astype(segment_ids.dtype), starts)
+  in_branch = _since_start(ones, starts | _run_starts(branch_ids)) - 1
+  return jnp.where(branch_ids == 0, in_branch, shared + in_branch)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+  """An empty cache of `max_len` slots per row: k, v [L, B, S, Hkv, Dh]; valid, pos [B, S]; next_pos [B]; length."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  cache = {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "valid": jnp.zeros((batch, max_len), bool),
+      "pos": jnp.zeros((batch, max_len), jnp.int32),
+      "next_pos": jnp.zeros((batch,), jnp.int32),
+      "length": jnp.zeros((), jnp.int32),
+  }
+  return {name: constrain(x, CACHE_AXES[name]) for name, x in cache.items()}
+
+
+def query_blocks(t: int) -> list[tuple[int, int]]:
+  """[start, end) of the query blocks of a cache-less call over `t` tokens."""
+  return [(a, min(a + QUERY_BLOCK, t)) for a in range(0, t, QUERY_BLOCK)]
+
+
+def attended_slots(t: int) -> float:
+  """Key slots a query of a cache-less call over `t` tokens computes scores for, on average (block-causal)."""
+  return sum((end - start) * end for start, end in query_blocks(t)) / t
+
+
+def _attend(cfg: ModelConfig, q, k, v, mask):
+  """Softmax attention of q [..., Q, Dh] over k, v [..., S, Dh] where `mask` [..., Q, S] allows -> [..., Q, Dh]."""
+  scores = jnp.einsum("...qd,...sd->...qs", q, k, preferred_element_type=jnp.float32) * cfg.attn_scale
+  if cfg.attn_softcap:
+    scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+  probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1).astype(v.dtype)
+  return jnp.einsum("...qs,...sd->...qd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
+  """q [B,T,H,Dh]; k, v [B,S,Hkv,Dh]; mask [B,T,S] -> [B,T,H*Dh]; or one row of each, without the B axis.
+
+  `causal_blocks` (a cache-less call, S = T, the mask causal): each block of QUERY_BLOCK queries is computed only
+  against the keys up to its end, which skips the upper triangle's blocks (the same result; about half the
+  attention FLOPs on long rows). The query heads sharing a KV head are folded into the query axis, so each
+  (row, KV head) is one GEMM pair. On CPU a cache-less call runs its rows one at a time and each KV head as a
+  plain 2D GEMM pair: XLA's CPU backend runs 2D bf16 dots on its fast (AMX) path and batched ones about 2x slower,
+  and one row's score blocks stay in cache."""
+  one_row = q.ndim == 3
+  if causal_blocks and not one_row and jax.default_backend() == "cpu":
+    return jax.lax.map(lambda row: _attention(cfg, *row, causal_blocks=True), (q, k, v, mask))
+  if causal_blocks and q.shape[-3] > QUERY_BLOCK:
+    blocks = [_attention(cfg, q[..., a:e, :, :], k[..., :e, :, :], v[..., :e, :, :], mask[..., a:e, :e])
+              for a, e in query_blocks(q.shape[-3])]
+    return jnp.concatenate(blocks, axis=-2)
+  *_, t, h, dh = q.shape
+  kv_heads = cfg.num_kv_heads
+  groups = h // kv_heads
+  if one_row:
+    q, mask = q.reshape(t, kv_heads, groups, dh), jnp.repeat(mask, groups, axis=0)
+    heads = [_attend(cfg, q[:, j].reshape(t * groups, dh), k[:, j], v[:, j], mask).reshape(t, groups * dh)
+             for j in range(kv_heads)]
+    return jnp.concatenate(heads, axis=-1)
+  b = q.shape[0]
+  q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * groups, dh)
+  mask = jnp.repeat(mask, groups, axis=1)[:, None]
+  out = _attend(cfg, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+  return out.reshape(b, kv_heads, t, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
+
+
+def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, cache_kv):
+  """One decoder layer; returns the new hidden state and this layer's (k, v) as stored."""
+  b, t, _ = h.shape
+  x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  q = _dense(x, p["q"], "btd,de->bte")
+  k = _dense(x, p["k"], "btd,de->bte")
+  v = _dense(x, p["v"], "btd,de->bte")
+  if cfg.qkv_bias:
+    q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+  q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+  k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  (cos_f, sin_f), (cos_s, sin_s) = rope
+  cos, sin = jnp.where(is_sliding, cos_s, cos_f), jnp.where(is_sliding, sin_s, sin_f)
+  q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+  q = constrain(q, QUERIES)
+  if cache_kv is not None:  # the stacked cache of every layer: write this layer's new slots in place
+    ck, cv, start, layer = cache_kv
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, start, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, start, 0, 0))
+    k, v = ck[layer], cv[layer]
+  attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window), causal_blocks=cache_kv is None)
+  attn = _dense(attn, p["o"], "bte,ed->btd")
+  if cfg.o_bias:
+    attn = attn + p["o_bias"]
+  if cfg.post_norms:
+    attn = rms_norm(attn, p["attn_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  h = h + attn
+  x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  gate = _dense(x, p["gate"], "btd,df->btf")
+  up = _dense(x, p["up"], "btd,df->btf")
+  mlp = constrain(_activation(cfg, gate) * up, MLP_HIDDEN)
+  mlp = _dense(mlp, p["down"], "btf,fd->btd")
+  if cfg.post_norms:
+    mlp = rms_norm(mlp, p["mlp_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  h = constrain(h + mlp, HIDDEN)
+  return h, (None if cache_kv is None else (ck, cv))
+
+
+def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
+  table = constrain(params["embed"], ("vocab", None))  # gather the fsdp shards; vocab stays split
+  h = jnp.take(table, input_ids, axis=0)
+  if cfg.embed_scale != 1.0:
+    h = h * jnp.asarray(cfg.embed_scale, h.dtype)
+  return constrain(h, HIDDEN)
+
+
+def _positions(attention_mask: jax.Array, cache: Cache | None, segment_ids: jax.Array | None,
+               branch_ids: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Positions [B, T] of a call's tokens, and validity and positions [B, S] of the keys it attends (its own tokens
+  without a cache; every cache slot, this call's written in, with one)."""
+  mask = attention_mask.astype(bool)
+  if cache is None:
+    positions = (positions_from_mask(attention_mask) if segment_ids is None
+                 else segment_positions(segment_ids, branch_ids))
+    return positions, mask, positions
+  start = cache["length"]
+  positions = positions_from_mask(attention_mask, cache["next_pos"])
+  kv_valid = jax.lax.dynamic_update_slice(cache["valid"], mask, (0, start))
+  kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, start))
+  return positions, kv_valid, kv_pos
+
+
+def _causal_mask(kv_valid: jax.Array, t: int, cache: Cache | None, segment_ids: jax.Array | None,
+                 branch_ids: jax.Array | None) -> jax.Array:
+  """[B, T, S]: the valid keys at or before each query's slot, within its segment and branch."""
+  q_slot = jnp.arange(t, dtype=jnp.int32)
+  if cache is not None:
+    q_slot = q_slot + cache["length"]
+  kv_slot = jnp.arange(kv_valid.shape[1], dtype=jnp.int32)
+  causal = kv_valid[:, None, :] & (kv_slot[None, None, :] <= q_slot[None, :, None])
+  if segment_ids is not None:
+    causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  if branch_ids is not None:
+    causal = causal & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
+  return causal
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    cache: Cache | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
+    remat: bool = False,
+) -> tuple[jax.Array, Cache | None]:
+  """Final hidden states [B, T, D] (after the final norm) and the updated cache (None without one).
+
+  `segment_ids` [B, T] (instead of `attention_mask`, without a cache): packed rows of several sequences, numbered
+  1, 2, ... with 0 for padding; a token attends only within its own segment, and positions restart at each one.
+  `branch_ids` [B, T] (with `segment_ids`): sequences that share a start packed as one segment, the start once
+  (branch 0) then each sequence's own tokens (branches 1, 2, ...); a token attends to the start and its own branch.
+  """
+  b, t = input_ids.shape
+  if segment_ids is not None:
+    if cache is not None or attention_mask is not None:
+      raise ValueError("segment_ids replace attention_mask and take no cache")
+    attention_mask = segment_ids > 0
+  elif branch_ids is not None:
+    raise ValueError("branch_ids need segment_ids")
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), jnp.int32)
+  positions, kv_valid, kv_pos = _positions(attention_mask, cache, segment_ids, branch_ids)
+  causal = _causal_mask(kv_valid, t, cache, segment_ids, branch_ids)
+  distance = positions[:, :, None] - kv_pos[:, None, :]
+
+  def kv_mask(window):
+    return causal & (distance < window)
+
+  rope = (_rope_tables(cfg.rope_full, cfg.head_dim, positions),
+          _rope_tables(cfg.rope_sliding, cfg.head_dim, positions))
+  is_sliding = np.array([lt == SLIDING for lt in cfg.layer_types])
+  windows = np.where(is_sliding, cfg.sliding_window or _NO_WINDOW, _NO_WINDOW).astype(np.int32)
+
+  def body(carry, xs):
+    h, kv = carry
+    p, window, sliding, layer = xs
+    h, kv = _layer(cfg, h, p, window, sliding, rope, kv_mask,
+                   None if cache is None else (*kv, cache["length"], layer))
+    return (h, kv), None
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  h = embed(params, cfg, input_ids)
+  xs = (params["layers"], windows, is_sliding, jnp.arange(cfg.num_layers))
+  kv = None if cache is None else (cache["k"], cache["v"])  # carried: each layer updates its slots in place
+  (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
+  h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+  if cache is None:
+    return h, None
+  new_cache = {
+      "k": kv[0], "v": kv[1], "valid": kv_valid, "pos": kv_pos,
+      "next_pos": cache["next_pos"] + attention_mask.astype(jnp.int32).sum(-1),
+      "length": cache["length"] + t,
+  }
+  return h, new_cache
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
+  """Logits (fp32) for `hidden` [..., D] over the whole vocabulary, or only the rows `vocab_ids` [K]."""
+  w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+  if vocab_ids is not None:
+    w = jnp.take(w, jnp.asarray(vocab_ids), axis=0)
+  logits = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+  if cfg.final_softcap:
+    logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+  return logits
+
+
+def last_token_hidden(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """The hidden state of each row's last real token (works for left and right padding)."""
+  t = attention_mask.shape[1]
+  idx = t - 1 - jnp.argmax(attention_mask[:, ::-1].astype(jnp.int32), axis=1)
+  return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+
+
+def classifier_scores(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """Sequence-classification scores [B, num_labels] from each row's last real token (reward models)."""
+  hidden, _ = forward(params, cfg, input_ids, attention_mask)
+  last = last_token_hidden(hidden, attention_mask)
+  return jnp.einsum("bd,ld->bl", last, params["score"], preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def full_logits(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """[B, T, V] logits at every position: for parity checks and small inputs only."""
+  hidden, _ = forward(params, cfg, input_ids, attention_mask)
+  return lm_head(params, cfg, hidden)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, scale: float = 0.02) -> Params:
+  """Random parameters (normal(0, scale) matrices, norms at their identity) for toy models in tests."""
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, shape), k in zip(leaves, keys):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name.endswith("norm"):
+      out.append(jnp.full(shape, 1.0 - cfg.norm_offset, dtype))
+    else:
+      out.append((scale * jax.random.normal(k, shape)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)

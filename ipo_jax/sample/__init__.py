@@ -1,0 +1,1 @@
+"""Sampling: the generation engine and the instruction sets it reads."""

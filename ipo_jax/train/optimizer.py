@@ -1,0 +1,78 @@
+"""The optimizer of DPO training: AdamW (no weight decay on norms and biases), a linear warmup then a cosine, linear
+or constant learning rate (HF/TRL semantics), global-norm clipping.
+
+`OptimSpec` is the `optim` config section plus the run's total number of optimizer steps, frozen (hashable), so the
+jitted train step takes it as a static argument and builds the same transformation each time it is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import optax
+
+from ipo_jax import sharding
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+  """AdamW hyperparameters, the schedule and the number of optimizer steps it spans."""
+
+  learning_rate: float
+  schedule: str = "cosine"
+  warmup_ratio: float = 0.0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  max_grad_norm: float = 0.0  # 0: no clipping
+  total_steps: int = 1
+
+  @classmethod
+  def from_config(cls, optim: Any, total_steps: int) -> "OptimSpec":
+    """From an `optim` config section; an unknown schedule is a ValueError naming the setting."""
+    if optim.schedule not in SCHEDULES:
+      raise ValueError(f"optim.schedule must be cosine, linear or constant, got {optim.schedule!r}")
+    return cls(learning_rate=float(optim.learning_rate), schedule=str(optim.schedule),
+               warmup_ratio=float(optim.warmup_ratio), weight_decay=float(optim.weight_decay), b1=float(optim.b1),
+               b2=float(optim.b2), eps=float(optim.eps), max_grad_norm=float(optim.max_grad_norm or 0.0),
+               total_steps=int(total_steps))
+
+
+def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup over `warmup_ratio` of the steps, then cosine or linear decay to zero (HF/TRL semantics)."""
+  warmup = int(math.ceil(optim.warmup_ratio * total_steps))
+  peak = float(optim.learning_rate)
+  if optim.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+  elif optim.schedule == "linear":
+    decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
+  elif optim.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"optim.schedule must be cosine, linear or constant, got {optim.schedule!r}")
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+  """True for the weights that get weight decay: everything but norms and biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: not sharding.path_str(p).endswith(("norm", "bias")), params)
+
+
+def make_optimizer(optim: Any, total_steps: int, params: Any) -> optax.GradientTransformation:
+  """Clipping then AdamW on `params` (arrays, tracers or shapes: only the tree structure and names are used)."""
+  return optax.chain(
+      optax.clip_by_global_norm(float(optim.max_grad_norm)) if optim.max_grad_norm else optax.identity(),
+      optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, mask=decay_mask(params)))
+
+
+def from_spec(spec: OptimSpec, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The transformation and its learning-rate schedule for `spec`."""
+  return make_optimizer(spec, spec.total_steps, params), learning_rate_schedule(spec, spec.total_steps)

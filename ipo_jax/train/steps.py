@@ -1,0 +1,233 @@
+"""The jitted steps of DPO training, with explicit shardings from the mesh.
+
+Module-level step functions take every compile-time setting as a static argument (`Settings`, the `ModelConfig`,
+the `OptimSpec`); `build_steps` jits them once per run with explicit in/out shardings (params by
+`sharding.LOGICAL_RULES` over `model.params.logical_axes`, optimizer state like its params, batches split over BATCH, metrics and log-probs
+replicated) and binds the static arguments.
+
+Dtype policy: trainable params (full weights or adapters) and the optimizer state are fp32; the forward runs in
+`Settings.compute_dtype`. With LoRA the reference is the base with the adapters off, without a second copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ipo_jax import sharding
+from ipo_jax.model import transformer
+from ipo_jax.model.architecture import ModelConfig
+from ipo_jax.train import loss as loss_lib, lora as lora_lib
+from ipo_jax.train.optimizer import OptimSpec, from_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static (compile-time) part of a DPO run."""
+
+  beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
+  reference: str = "precomputed"  # precomputed | on_the_fly
+  compute_dtype: str = "float32"
+  remat: bool = False
+  vocab_chunk: int = 8192
+  lora: lora_lib.LoraConfig | None = None
+
+  @classmethod
+  def from_config(cls, config: Any) -> "Settings":
+    d, t = config.dpo, config.train
+    if d.reference not in ("precomputed", "on_the_fly"):
+      raise ValueError(f"dpo.reference must be 'precomputed' or 'on_the_fly', got {d.reference!r}")
+    if d.loss_type not in loss_lib.LOSS_TYPES:
+      raise ValueError(f"dpo.loss_type {d.loss_type!r} is not one of {loss_lib.LOSS_TYPES}")
+    return cls(beta=float(d.beta), loss_type=d.loss_type, label_smoothing=float(d.label_smoothing),
+               reference=d.reference, compute_dtype=resolve_compute_dtype(t.compute_dtype), remat=bool(t.remat),
+               vocab_chunk=int(t.vocab_chunk), lora=lora_lib.config_from(config.get("lora")))
+
+
+def resolve_compute_dtype(name: str) -> str:
+  """"auto" is bfloat16 on accelerators and float32 on CPU."""
+  if name == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"train.compute_dtype must be auto, float32 or bfloat16, got {name!r}")
+  return name
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: [] int32 optimizer steps taken; rng: [2] uint32 key data (dropout keys are folded from it per step);
+  params: the trainable params (fp32 full weights, or LoRA adapters); opt_state: the optax state of `params`."""
+
+  step: jax.Array
+  rng: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step functions. The jitted ones take their static arguments (s, cfg, opt) first, positionally.
+
+
+def cast(tree: Any, dtype: Any) -> Any:
+  """Floating leaves of `tree` in `dtype` (others unchanged)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def policy_params(trainable: Any, frozen: Any, s: Settings, dropout_key: jax.Array | None = None) -> Any:
+  """The params the policy forward uses, in the compute dtype; with LoRA, `trainable=None` is the bare base."""
+  dtype = jnp.dtype(s.compute_dtype)
+  if s.lora is None:
+    return cast(trainable, dtype)
+  base = cast(frozen, dtype)
+  return base if trainable is None else lora_lib.merge(base, trainable, s.lora, dropout_key)
+
+
+def loss_fn(trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array, *, s: Settings,
+            cfg: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The DPO loss of one micro-batch of pairs (`ref_logps` [B, 2] in the batch, else the reference on the fly)."""
+  logps = loss_lib.pair_logps(policy_params(trainable, frozen, s, key), cfg, batch, vocab_chunk=s.vocab_chunk,
+                              remat=s.remat)
+  if "ref_logps" in batch:
+    ref = batch["ref_logps"]
+  else:  # on the fly: the base (LoRA) or the frozen initial policy
+    ref_params = policy_params(None, frozen, s) if s.lora else cast(frozen, jnp.dtype(s.compute_dtype))
+    ref = jax.lax.stop_gradient(loss_lib.pair_logps(ref_params, cfg, batch, vocab_chunk=s.vocab_chunk))
+  lengths = loss_lib.response_lengths(batch)
+  return loss_lib.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=s.beta, loss_type=s.loss_type,
+                           label_smoothing=s.label_smoothing, chosen_lengths=lengths[:, 0],
+                           rejected_lengths=lengths[:, 1])
+
+
+def train_step(s: Settings, cfg: ModelConfig, opt: OptimSpec, state: TrainState, frozen: Any,
+               batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over `batch` [accum, micro, ...]: gradients averaged over the micro-batches."""
+  tx, schedule = from_spec(opt, state.params)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, s=s, cfg=cfg), has_aux=True)
+
+  def micro_grads(mb, i):
+    (_, m), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_key, i))
+    return g, m
+
+  accum = jax.tree.leaves(batch)[0].shape[0]
+  if accum == 1:  # no accumulation buffer
+    grads, metrics = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
+  else:
+    def micro(carry, xs):
+      return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], batch), 0))
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = jax.tree.map(lambda m: m / accum, metrics)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def logps_step(s: Settings, cfg: ModelConfig, trainable: Any, frozen: Any, batch: dict[str, jax.Array]
+               ) -> jax.Array:
+  """[B, 2] log-probs of the policy (`trainable`, `frozen`) without dropout; `trainable=None` with LoRA is the base."""
+  return loss_lib.pair_logps(policy_params(trainable, frozen, s), cfg, batch, vocab_chunk=s.vocab_chunk)
+
+
+def base_logps_step(s: Settings, cfg: ModelConfig, frozen: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """[B, 2] log-probs of the LoRA base (adapters off)."""
+  return logps_step(s, cfg, None, frozen, batch)
+
+
+def init_trainable(base: transformer.Params, key_data: jax.Array, *, s: Settings) -> Any:
+  """The trainable params at step 0: fresh LoRA adapters (key folded with 1), or an fp32 copy of the base."""
+  if s.lora is not None:
+    return lora_lib.init_adapters(base, s.lora, jax.random.fold_in(jax.random.wrap_key_data(key_data), 1))
+  return cast(base, jnp.float32)
+
+
+def init_state(s: Settings, opt: OptimSpec, base: transformer.Params, key_data: jax.Array) -> TrainState:
+  """The train state at step 0 (`key_data`: the run's seed key, as [2] uint32)."""
+  params = init_trainable(base, key_data, s=s)
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=key_data, params=params,
+                    opt_state=from_spec(opt, params)[0].init(params))
+
+
+def final_params(s: Settings, trainable: Any, base: transformer.Params) -> transformer.Params:
+  """The trained policy in fp32: the base with the adapters merged (LoRA), else the trainable params."""
+  if s.lora is None:
+    return trainable
+  return lora_lib.merge(cast(base, jnp.float32), trainable, s.lora)
+
+
+def checksum(params: Any) -> jax.Array:
+  """A cheap fingerprint of weights (keys the reference cache): the sum of every value in fp32."""
+  return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The builder
+
+
+class Steps(NamedTuple):
+  """A run's jitted steps, static arguments bound."""
+
+  init: Any  # (base, key_data [2]) -> TrainState
+  train: Any  # (state, frozen, batch [A, B, ...]) -> (state, metrics)
+  policy_logps: Any  # (trainable, frozen, batch [B, ...]) -> [B, 2]
+  base_logps: Any  # LoRA only: (frozen, batch) -> [B, 2] with adapters off
+  final: Any  # (trainable, base) -> fp32 policy params
+  checksum: Any  # (params) -> [] fp32
+  state_shardings: Any  # TrainState of NamedShardings
+  state_shapes: Any  # TrainState of ShapeDtypeStructs
+
+
+def state_shardings(state_shapes: TrainState, opt: OptimSpec, mesh: jax.sharding.Mesh) -> TrainState:
+  """Params by the partition rules, the optimizer state like its params, step and RNG replicated."""
+  param_shards = sharding.param_shardings(state_shapes.params, mesh)
+  rep = sharding.replicated(mesh)
+  tx, _ = from_spec(opt, state_shapes.params)
+  opt_shards = optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, state_shapes.opt_state, param_shards,
+                                                transform_non_params=lambda _: rep)
+  return TrainState(step=rep, rng=rep, params=param_shards, opt_state=opt_shards)
+
+
+def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer.Params, frozen: bool,
+                mesh: jax.sharding.Mesh) -> Steps:
+  """The jitted steps of a run on `base` (arrays or shapes); `frozen`: whether the steps take the base params as
+  their frozen argument (LoRA, or the on-the-fly reference of full fine-tuning) or None.
+
+  The module-level functions are jitted with equal static arguments and shardings in every run, so a second run
+  of the same settings (a resumed run, the next self-improvement round) reuses the traced and compiled steps."""
+  base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+  key_shape = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  state_shapes = jax.eval_shape(functools.partial(init_state, s, opt), base_shapes, key_shape)
+  state_shards = state_shardings(state_shapes, opt, mesh)
+  base_shards = sharding.param_shardings(base_shapes, mesh)
+  frozen_shards = base_shards if frozen else None
+  rep = sharding.replicated(mesh)
+  batch_shards = NamedSharding(mesh, P(sharding.BATCH))
+  accum_shards = NamedSharding(mesh, P(None, sharding.BATCH))
+  init = jax.jit(init_state, in_shardings=(base_shards, rep), out_shardings=state_shards, static_argnums=(0, 1))
+  train = jax.jit(train_step, in_shardings=(state_shards, frozen_shards, accum_shards),
+                  out_shardings=(state_shards, rep), static_argnums=(0, 1, 2), donate_argnums=(3,))
+  policy = jax.jit(logps_step, in_shardings=(state_shards.params, frozen_shards, batch_shards), out_shardings=rep,
+                   static_argnums=(0, 1))
+  base_fn = None
+  if s.lora is not None:
+    base_fn = functools.partial(jax.jit(base_logps_step, in_shardings=(base_shards, batch_shards), out_shardings=rep,
+                                        static_argnums=(0, 1)), s, cfg)
+  final = jax.jit(final_params, in_shardings=(state_shards.params, base_shards),
+                  out_shardings=state_shards.params if s.lora is None else base_shards, static_argnums=(0,))
+  return Steps(init=functools.partial(init, s, opt), train=functools.partial(train, s, cfg, opt),
+               policy_logps=functools.partial(policy, s, cfg), base_logps=base_fn, final=functools.partial(final, s),
+               checksum=jax.jit(checksum, in_shardings=(base_shards,), out_shardings=rep),
+               state_shardings=state_shards, state_shapes=state_shapes)
