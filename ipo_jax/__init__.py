@@ -1,4 +1,10 @@
 """ipo_jax: IPO — a language model as its own preference classifier — in JAX: scoring, generation, DPO."""
 
-from ipo_jax.train.loss import dpo_loss  # noqa: F401  (public API)
-from ipo_jax.model.loading import load_model  # noqa: F401  (public API)
+import os
+
+# transformers serves tokenizers, configs and chat templates here (the models are ours): its advice that PyTorch
+# is missing does not apply.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from ipo_jax.train.loss import dpo_loss  # noqa: E402,F401  (public API)
+from ipo_jax.model.loading import load_model  # noqa: E402,F401  (public API)

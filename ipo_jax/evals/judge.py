@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ipo_jax import data as data_lib
+from ipo_jax import data as data_lib, sections
 from ipo_jax.ipo import layout as layout_lib
 from ipo_jax.sample import engine
 
@@ -109,13 +109,9 @@ class JudgeSettings:
 
   @classmethod
   def from_config(cls, judge: Any, sampling: Any = None) -> "JudgeSettings":
-    return cls(template=load_template(judge.get("prompt_file", "")),
-               chat_template=bool(judge.get("chat_template", True)),
-               max_prompt_tokens=int(judge.get("max_prompt_tokens", 2048)),
-               truncation=judge.get("truncation", "keep_question"),
-               unparsable_score=float(judge.get("unparsable_score", 0.0)),
-               batch_size=int(judge.get("batch_size", 16)),
-               sampling=engine.SamplingConfig.from_config(sampling) if sampling else DEFAULT_SAMPLING)
+    return sections.from_section(
+        cls, judge, template=load_template(judge.get("prompt_file", "")),
+        sampling=engine.SamplingConfig.from_config(sampling) if sampling else DEFAULT_SAMPLING)
 
   def layout(self) -> layout_lib.Layout:
     """The judge text as a scoring layout: the user's question fills {prompt}, the response {response}."""

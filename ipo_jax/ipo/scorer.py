@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from ipo_jax import runtime, sharding
+from ipo_jax import runtime, sections, sharding
 from ipo_jax.ipo import layout as layout_lib
 from ipo_jax.ipo import planner, programs
 from ipo_jax.model import chat
@@ -75,14 +75,8 @@ class Settings:
 
   @classmethod
   def from_config(cls, scoring: Any) -> "Settings":
-    """Reads the fields this class knows from a ConfigDict / dict (others, e.g. prompts_file, are ignored)."""
-    get = scoring.get if hasattr(scoring, "get") else lambda k, d=None: getattr(scoring, k, d)
-    kwargs = {}
-    for field in dataclasses.fields(cls):
-      value = get(field.name, None)
-      if value is not None:
-        kwargs[field.name] = tuple(int(v) for v in value) if field.name == "buckets" else value
-    return cls(**kwargs)
+    """From the scoring section (fields this class does not know, e.g. prompts_file, are ignored)."""
+    return sections.from_section(cls, scoring)
 
 
 def num_compilations() -> int:

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from ipo_jax import runtime, sharding
+from ipo_jax import runtime, sections, sharding
 from ipo_jax.model import chat, transformer
 
 FINISH_REASONS = ("length", "eos", "stop")
@@ -68,8 +68,7 @@ class SamplingConfig:
   @classmethod
   def from_config(cls, section: Any) -> "SamplingConfig":
     """From a ConfigDict (or dict); keys that are not sampling fields (e.g. `batch_size`) are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if k == "stop_token_ids" else v) for k, v in dict(section).items() if k in names})
+    return sections.from_section(cls, section)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import optax
 
-from ipo_jax import sharding
+from ipo_jax import sections, sharding
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -38,10 +38,8 @@ class OptimSpec:
     """From an `optim` config section; an unknown schedule is a ValueError naming the setting."""
     if optim.schedule not in SCHEDULES:
       raise ValueError(f"optim.schedule must be cosine, linear or constant, got {optim.schedule!r}")
-    return cls(learning_rate=float(optim.learning_rate), schedule=str(optim.schedule),
-               warmup_ratio=float(optim.warmup_ratio), weight_decay=float(optim.weight_decay), b1=float(optim.b1),
-               b2=float(optim.b2), eps=float(optim.eps), max_grad_norm=float(optim.max_grad_norm or 0.0),
-               total_steps=int(total_steps))
+    return sections.from_section(cls, optim, max_grad_norm=float(optim.max_grad_norm or 0.0),
+                                 total_steps=int(total_steps))
 
 
 def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ipo_jax import sharding
+from ipo_jax import sections, sharding
 from ipo_jax.model import transformer
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.train import loss as loss_lib, lora as lora_lib
@@ -48,9 +48,8 @@ class Settings:
       raise ValueError(f"dpo.reference must be 'precomputed' or 'on_the_fly', got {d.reference!r}")
     if d.loss_type not in loss_lib.LOSS_TYPES:
       raise ValueError(f"dpo.loss_type {d.loss_type!r} is not one of {loss_lib.LOSS_TYPES}")
-    return cls(beta=float(d.beta), loss_type=d.loss_type, label_smoothing=float(d.label_smoothing),
-               reference=d.reference, compute_dtype=resolve_compute_dtype(t.compute_dtype), remat=bool(t.remat),
-               vocab_chunk=int(t.vocab_chunk), lora=lora_lib.config_from(config.get("lora")))
+    return sections.from_section(cls, {**d, **t}, compute_dtype=resolve_compute_dtype(t.compute_dtype),
+                                 lora=lora_lib.config_from(config.get("lora")))
 
 
 def resolve_compute_dtype(name: str) -> str:
