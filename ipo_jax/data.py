@@ -25,31 +25,67 @@ def read_local(path: str | os.PathLike) -> list[dict[str, Any]]:
   path = str(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"data file not found: {path}")
+  if os.path.isdir(path):
+    raise DataError(f"{path} is a directory; a data option takes a .jsonl, .json or .parquet file")
   if path.endswith(".parquet"):
-    import pyarrow.parquet as pq
-    return pq.read_table(path).to_pylist()
+    return _read_parquet(path)
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    if path.endswith((".jsonl", ".jsonl.gz")):
-      rows = []
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-      return rows
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut gzip stream an EOFError
+    raise DataError(f"{path}: cannot be read as {'gzip' if path.endswith('.gz') else 'a file'} ({e}); "
+                    "the file is damaged or cut short, get it again") from None
+  text = _decode(raw, path)
+  if path.endswith((".jsonl", ".jsonl.gz")):
+    return _jsonl_rows(text, path)
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
   if isinstance(data, dict):
     for key in ("data", "rows", "examples"):
       if isinstance(data.get(key), list):
         return data[key]
     raise DataError(f"{path}: a JSON file must hold a list of rows (or {{'data': [...]}})")
+  if not isinstance(data, list):
+    raise DataError(f"{path}: a JSON file must hold a list of rows (or {{'data': [...]}}), not a "
+                    f"{type(data).__name__}")
   return data
+
+
+def _decode(raw: bytes, path: str, torn_tail: bool = False) -> str:
+  """UTF-8 text; other bytes are an error naming the line and byte (with `torn_tail`, bytes after the last newline
+  are an interrupted write's torn line: they are dropped instead)."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if torn_tail and e.start > raw.rfind(b"\n"):
+      return raw[:raw.rfind(b"\n") + 1].decode("utf-8")
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}: line {line} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+                    "file as UTF-8") from None
+
+
+def _jsonl_rows(text: str, path: str) -> list[Any]:
+  rows = []
+  for n, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+  return rows
+
+
+def _read_parquet(path: str) -> list[dict[str, Any]]:
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    return pq.read_table(path).to_pylist()
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable parquet file ({' '.join(str(e).split())}); get it again") from None
 
 
 def local_file(path: str, split: str | None = None, name: str | None = None, what: str = "data file") -> str:
@@ -68,9 +104,13 @@ def _log(message: str) -> None:
 
 
 def require_fields(rows: Iterable[dict[str, Any]], fields: Iterable[str], source: str, *,
-                   skip_invalid: bool = False) -> tuple[list[dict[str, Any]], int]:
-  """Checks every row has non-empty `fields`; raises naming the row and field, or skips and counts."""
-  fields = tuple(fields)
+                   skip_invalid: bool = False, rename: str = "data.columns.{field}"
+                   ) -> tuple[list[dict[str, Any]], int]:
+  """Checks every row has non-empty `fields`; raises naming the row and field, or skips and counts.
+
+  A field that no row has is always an error (the file names its column otherwise): it names the file's columns
+  and the setting that maps one (`rename`, e.g. `data.columns.{field}`), not `skip_invalid`."""
+  fields, rows = tuple(fields), list(rows)
   kept, skipped = [], 0
   for i, row in enumerate(rows):
     problem = None
@@ -81,6 +121,10 @@ def require_fields(rows: Iterable[dict[str, Any]], fields: Iterable[str], source
         break
     if problem is None:
       kept.append(row)
+    elif all(r.get(field) is None for r in rows):  # no row has it: the file names the column otherwise
+      columns = sorted(k for k in row if not str(k).startswith("_"))
+      raise DataError(f"{problem}, and no row has it (the file's columns: {', '.join(map(str, columns))}); "
+                      f"if the file names it otherwise, set {rename.format(field=field)}=<column>")
     elif skip_invalid:
       skipped += 1
     else:
@@ -115,8 +159,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
   """Rows of a results file; a torn last line (an interrupted write) is ignored."""
   if not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
+  with open(path, "rb") as f:
+    lines = _decode(f.read(), str(path), torn_tail=True).splitlines(keepends=True)
   for n, line in enumerate(lines):
     if not line.strip():
       continue

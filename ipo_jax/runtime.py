@@ -53,7 +53,8 @@ def mesh_from_config(config: Any) -> jax.sharding.Mesh:
 
 
 def load_model_from_config(config: Any, mesh: jax.sharding.Mesh | None = None):
-  """Loads `config.model` (path, dtype) onto `mesh` (default: from `config.mesh`)."""
+  """Loads `config.model` (path, dtype, allow_hub) onto `mesh` (default: from `config.mesh`)."""
   from ipo_jax.model.loading import load_model
   mesh = mesh or mesh_from_config(config)
-  return load_model(config.model.path, dtype=config.model.get("dtype", "float32"), mesh=mesh)
+  return load_model(config.model.path, dtype=config.model.get("dtype", "float32"), mesh=mesh,
+                    allow_hub=bool(config.model.get("allow_hub", False)))

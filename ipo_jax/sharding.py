@@ -62,15 +62,29 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices: Sequ
   if unknown:
     raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {AXES}")
   sizes = [int(shape.get(a, 1)) for a in AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {shape}")
-  known = math.prod(s for s in sizes if s != -1)
+  _check_mesh_sizes(sizes, len(devices), devices[0].platform if devices else "none")
   if -1 in sizes:
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, {len(devices)} available")
+    sizes[sizes.index(-1)] = len(devices) // math.prod(s for s in sizes if s != -1)
   grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def _check_mesh_sizes(sizes: list[int], count: int, platform: str) -> None:
+  """The asked axis sizes must multiply to the device count (one -1 takes the rest); a ValueError says how many
+  devices there are and which axes asked for how many."""
+  asked = ", ".join(f"mesh.shape.{a}={s}" for a, s in zip(AXES, sizes))
+  fix = (f"set mesh.shape so the sizes multiply to {count} (one axis may be -1 to take the remaining devices), "
+         "with --config.mesh.shape.<axis>=<n>")
+  bad = [f"mesh.shape.{a}={s}" for a, s in zip(AXES, sizes) if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: a mesh axis size must be a positive number or -1; {fix}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1 ({asked}); {fix}")
+  known = math.prod(s for s in sizes if s != -1)
+  if (count % known if -1 in sizes else known != count):
+    needs = f"a multiple of {known}" if -1 in sizes else str(known)
+    raise ValueError(f"the mesh needs {needs} devices ({asked}) but there {'is' if count == 1 else 'are'} "
+                     f"{count} {platform} device{'' if count == 1 else 's'}; {fix}")
 
 
 def _fit(spec: Sequence[Any], shape: Sequence[int], mesh: Any) -> P:

@@ -46,3 +46,35 @@ def test_append_after_torn_write_keeps_finished_rows(tmp_path):
   data.append_jsonl(path, [{"id": 3}])
   assert [r["id"] for r in data.iter_jsonl(path)] == [1, 2, 3]
 
+
+
+def test_undecodable_damaged_and_renamed_files_are_named(tmp_path):
+  """Non-UTF-8 bytes name the file and line; damaged gzip/parquet files name the file; a field no row has names
+  the file's columns and the setting that maps one (not skip_invalid)."""
+  (tmp_path / "latin1.jsonl").write_bytes(b'{"a": "ok"}\n{"a": "caf\xe9"}\n')
+  (tmp_path / "latin1.json").write_bytes(b'[{"a": "ok"},\n\n {"a": "caf\xe9"}]')
+  (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"a": 1}\n' * 100)[:30])
+  (tmp_path / "random.parquet").write_bytes(b"\x00" * 64)
+  for name, message in (("latin1.jsonl", r"latin1\.jsonl: line 2 is not UTF-8 \(byte 0xe9"),
+                        ("latin1.json", r"latin1\.json: line 3 is not UTF-8"),
+                        ("cut.jsonl.gz", r"cut\.jsonl\.gz: cannot be read as gzip .*cut short"),
+                        ("random.parquet", r"random\.parquet: not a readable parquet file")):
+    with pytest.raises(data.DataError, match=message):
+      data.read_local(tmp_path / name)
+  rows = [{"question": "a", "answer": "b"}, {"question": "c", "answer": "d"}]
+  with pytest.raises(data.DataError, match=r"src: row 0 .*'prompt'.*columns: answer, question\).*"
+                     r"set data\.columns\.prompt=<column>$") as err:
+    data.require_fields(rows, ["prompt"], "src", skip_invalid=True)  # not skippable: no row has it
+  assert "skip_invalid" not in str(err.value)
+  with pytest.raises(data.DataError, match=r"set data\.field=<column>"):
+    data.require_fields(rows, ["prompt"], "src", rename="data.field")
+
+
+def test_results_file_with_a_torn_multibyte_tail(tmp_path):
+  """An interrupted write can cut a UTF-8 character: the torn line is dropped, the finished rows kept."""
+  path = tmp_path / "rows.jsonl"
+  path.write_bytes('{"t": "é"}\n'.encode() + '{"t": "é'.encode()[:-1])
+  assert list(data.iter_jsonl(path)) == [{"t": "é"}]
+  path.write_bytes(b'{"t": "\xe9"}\n{"t": 1}\n')
+  with pytest.raises(data.DataError, match=r"rows\.jsonl: line 1 is not UTF-8"):
+    list(data.iter_jsonl(path))

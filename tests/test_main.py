@@ -24,6 +24,7 @@ def test_bad_value_and_unknown_task():
   out = cli("--config", "configs/model_info.py", "--config.task=nope")
   assert out.returncode != 0
   assert "unknown task 'nope'; valid tasks: dpo, generate, model_info, rewardbench" in out.stderr
+  assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in out.stderr
 
 
 def test_model_info_with_overrides():

@@ -159,6 +159,17 @@ def evaluate_answers(models: Any, prompts: Sequence[dict[str, Any]], answers: Se
           "prompts": len(prompts)}
 
 
+def round_table(arm: str, initial_row: dict[str, Any], states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per round (0: the initial model): win rate vs the initial model, judge score, length, RewardBench,
+  pairs."""
+  rows = [{"round": 0, "arm": arm, **initial_row}]
+  for r, state in enumerate(states, start=1):
+    rows.append({"round": r, "arm": arm, **state["eval"], "pairs": state["label"]["pairs"],
+                 "dpo_loss": state["train"]["train"].get("loss"),
+                 "dpo_accuracy": state["train"]["train"].get("rewards/accuracies")})
+  return rows
+
+
 TABLE_COLUMNS = ("round", "arm", "win_rate", "judge_score", "mean_length", "rewardbench", "pairs", "dpo_loss",
                  "dpo_accuracy")
 

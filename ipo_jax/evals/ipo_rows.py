@@ -2,7 +2,8 @@
 
 A row holds P(Yes) of both responses (`score_*`, combined over the instructions with `scoring.ensemble`), the mean
 log-odds and Yes+No mass, `correct` (chosen strictly above rejected; ties are wrong and flagged), truncation
-flags, token counts, and with several instructions each candidate's log-odds.
+flags, token counts, and with several instructions each candidate's log-odds. `yes_no_mass` summarises a run's
+Yes+No mass and flags one too low for the instruction to be a yes/no question.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ipo_jax.ipo import scorer as scorer_lib
+
+# Below this geometric mean of the Yes+No probability mass the model is not answering yes or no: the instruction
+# is probably not a yes/no question (or the answers do not match the layout), and P(Yes) renormalised over two
+# unlikely tokens is noise. Measured with SmolLM2-135M on one pair per RewardBench subset (geometric mean, mean):
+# chat layout 0.18, 0.22; paper layout with the project's or the authors' questions 5.5e-4, 1.7e-3 and 6.9e-4,
+# 3.4e-3; a template without a question 6.5e-6, 5.6e-4. The arithmetic mean is carried by a few outliers (the
+# no-question run's is within 3x of the paper layout's), so the geometric mean decides.
+LOW_YES_NO_MASS = 1e-4
 
 
 def combine(log_odds: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,3 +84,15 @@ def _pair_result(row, method, values, encoded, item_idx) -> dict[str, Any]:
   if len(item_idx) > 1:
     result["candidates"] = {"log_odds_chosen": log_odds[:, 0].tolist(), "log_odds_rejected": log_odds[:, 1].tolist()}
   return result
+
+
+def yes_no_mass(rows: Sequence[dict[str, Any]], threshold: float = LOW_YES_NO_MASS) -> dict[str, Any]:
+  """summary.json's `yes_no_mass` over both responses of every row: mean, geometric mean and min, and `low` when
+  the geometric mean is below `threshold` (see LOW_YES_NO_MASS)."""
+  values = np.array([r[k] for r in rows for k in ("yes_no_mass_chosen", "yes_no_mass_rejected")
+                     if r.get(k) is not None], np.float64)
+  if not values.size:
+    return {"mean": None, "geometric_mean": None, "min": None, "threshold": threshold, "low": False}
+  geometric = float(np.exp(np.log(np.maximum(values, 1e-300)).mean()))
+  return {"mean": float(values.mean()), "geometric_mean": geometric, "min": float(values.min()),
+          "threshold": threshold, "low": geometric < threshold}

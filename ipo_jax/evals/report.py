@@ -46,6 +46,33 @@ def format_table(summary: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _scored(x: Any) -> bool:
+  return x is not None and x == x
+
+
+def notes(summary: Mapping[str, Any]) -> list[str]:
+  """What a reader must know about a run's numbers: no official section scored, pairs scored under a fallback
+  instruction, a low Yes+No mass. Also logged by the tasks."""
+  out = []
+  if not _scored(summary.get("score")):
+    out.append("no official RewardBench section was scored (subsets: " + ", ".join(summary["subsets"])
+               + "): the score is undefined (null in summary.json); only the per-subset accuracies mean anything")
+  fallback = summary.get("instructions") or {}
+  if fallback.get("fallback_pairs"):
+    unknown = fallback.get("unknown_subsets") or []
+    out.append(f"fallback instruction: {fallback['fallback_pairs_total']} pairs were scored under the fallback "
+               f"{fallback['fallback']!r} of {fallback['prompts_file']}, having no instruction of their own ("
+               + ", ".join(f"{k}: {v}" for k, v in fallback["fallback_pairs"].items()) + ")"
+               + (f"; not RewardBench subsets: {', '.join(unknown)} (scoring.fallback_instruction=True)"
+                  if unknown else ""))
+  mass = summary.get("yes_no_mass") or {}
+  if mass.get("low"):
+    out.append(f"warning: the Yes+No probability mass is low (geometric mean {mass['geometric_mean']:.3g}, below "
+               f"{mass['threshold']:g}; mean {mass['mean']:.3g}): the instruction is probably not a yes/no question "
+               "(or scoring.yes/no do not match the layout), so P(Yes) is read from two unlikely tokens")
+  return out
+
+
 def report_text(summary: Mapping[str, Any], title: str = "RewardBench") -> str:
   """report.md of a RewardBench run: what was run, the tables, counts and (for an ensemble) the prompt search."""
   c = summary["counts"]
@@ -53,8 +80,9 @@ def report_text(summary: Mapping[str, Any], title: str = "RewardBench") -> str:
   for key in ("model", "method", "data", "wall_time_s"):
     if key in summary:
       parts.append(f"- **{key}**: {summary[key]}")
-  parts += [f"- **pairs**: {c['pairs']} ({c['ties']} ties counted wrong, {c['truncated']} truncated)", "",
-            format_table(summary)]
+  parts += [f"- **pairs**: {c['pairs']} ({c['ties']} ties counted wrong, {c['truncated']} truncated)"]
+  parts += [f"- {note}" for note in notes(summary)]
+  parts += ["", format_table(summary)]
   search = summary.get("prompt_search")
   if search:
     k = max(len(v["accuracy"]) for v in search.values())
@@ -83,9 +111,9 @@ def plot_rewardbench(path: str, summary: Mapping[str, Any], title: str = "Reward
   ax1.set_ylabel("accuracy (%)")
   ax1.set_title(f"{title}: per subset")
   sections = summary["sections"]
-  ax2.bar(range(len(sections) + 1), [100 * v for v in sections.values()] + [100 * summary["score"]],
-          color=[colors[s] for s in sections] + ["k"])
-  ax2.set_xticks(range(len(sections) + 1), list(sections) + ["Score"], rotation=45, ha="right", fontsize=8)
+  bars = {**sections, **({"Score": summary["score"]} if _scored(summary["score"]) else {})}
+  ax2.bar(range(len(bars)), [100 * v for v in bars.values()], color=[colors.get(s, "k") for s in bars])
+  ax2.set_xticks(range(len(bars)), list(bars), rotation=45, ha="right", fontsize=8)
   ax2.set_title("sections")
   for ax in (ax1, ax2):
     ax.axhline(50, color="gray", ls="--", lw=0.8)

@@ -61,7 +61,7 @@ def load_pairs(data_cfg: Any) -> Pairs:
   or, with `skip_invalid`, are skipped and counted. Duplicate (subset, id) keys are an error.
   """
   rows, source = _read(data_cfg)
-  columns = dict(data_cfg.get("columns", None) or {})
+  columns = {k: v for k, v in dict(data_cfg.get("columns", None) or {}).items() if v}  # "": same name
   unknown = set(columns) - set(FIELDS)
   if unknown:
     raise ValueError(f"data.columns renames unknown fields {sorted(unknown)}; ours are {FIELDS}")

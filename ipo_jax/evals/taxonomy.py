@@ -45,3 +45,8 @@ def category_of(subset: str) -> str | None:
   if subset.startswith("math"):
     return "math"
   return None
+
+
+def known_subset(subset: str) -> bool:
+  """A RewardBench subset (one of the 23 or a prior set) or a name with a category (e.g. hep-kotlin)."""
+  return subset in EXAMPLE_COUNTS or subset in PRIOR_SETS or category_of(subset) is not None

@@ -105,15 +105,41 @@ class GGUFFile:
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
     self.metadata, self.tensors = _read_header(self.path)
+    self._check_complete()
+
+  def _qtype(self, name: str) -> Any:
+    import gguf  # pylint: disable=import-outside-toplevel
+    try:
+      return gguf.GGMLQuantizationType(self.tensors[name].ggml_type)
+    except ValueError:
+      raise ValueError(f"{self.path}: tensor {name!r} has an unknown GGML type {self.tensors[name].ggml_type}; "
+                       "the file is corrupt or newer than the installed `gguf` package") from None
+
+  def nbytes(self, name: str) -> int:
+    """Bytes of tensor `name`'s data in the file."""
+    import gguf  # pylint: disable=import-outside-toplevel
+    block, type_size = gguf.GGML_QUANT_SIZES[self._qtype(name)]
+    return math.prod(self.tensors[name].shape) // block * type_size
+
+  def _check_complete(self) -> None:
+    """Every tensor's data lies within the file (a download cut short fails here, naming the tensor)."""
+    size = os.path.getsize(self.path)
+    for name, info in sorted(self.tensors.items(), key=lambda item: item[1].offset):
+      end = info.offset + self.nbytes(name)
+      if end > size:
+        raise ValueError(f"{self.path}: the file is cut short: tensor {name!r} is incomplete (its data ends at "
+                         f"byte {end}, the file has {size}); download the file again")
 
   def dequantize(self, name: str) -> np.ndarray:
     """The tensor as fp32 in numpy order (for matrices: [rows = output features, cols = input features])."""
     import gguf  # pylint: disable=import-outside-toplevel
     info = self.tensors[name]
-    qtype = gguf.GGMLQuantizationType(info.ggml_type)
+    qtype = self._qtype(name)
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    nbytes = math.prod(info.shape) // block * type_size
+    nbytes = self.nbytes(name)
     raw = np.fromfile(self.path, dtype=np.uint8, count=nbytes, offset=info.offset)
+    if raw.size < nbytes:
+      raise ValueError(f"{self.path}: the file is cut short: tensor {name!r} is incomplete; download it again")
     if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
       dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype)
       if dtype is None:
@@ -175,6 +201,12 @@ class GGUFSource:
 
   def names(self) -> set[str]:
     return set(self._tensors)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.file.tensors[self._tensors[name]].shape
+
+  def where(self, name: str) -> str:
+    return f"{self.file.path} ({self._tensors[name]})"
 
   def full(self, name: str) -> np.ndarray:
     """The whole tensor `name` (an HF name) in HF layout and convention, fp32."""

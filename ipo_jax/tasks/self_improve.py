@@ -39,7 +39,7 @@ import numpy as np
 
 from ipo_jax import data as data_lib
 from ipo_jax import runtime, sharding
-from ipo_jax.train import loop as trainer
+from ipo_jax.train import guards, loop as trainer
 from ipo_jax.evals import improvement
 from ipo_jax.evals.taxonomy import CATEGORIES
 from ipo_jax.ipo import readings
@@ -59,11 +59,13 @@ NOT_IDENTITY = ("task", "output_dir", "overwrite", "rounds", "mesh", "distribute
 
 
 def identity(config: Any) -> dict[str, Any]:
-  """Every result-determining setting: the config without NOT_IDENTITY, progress bars and logging."""
+  """Every result-determining setting: the config without NOT_IDENTITY, progress bars, logging and the trainer's
+  guards (`trainer.NOT_IDENTITY`)."""
   out = {k: v for k, v in config.to_dict().items() if k not in NOT_IDENTITY}
   for section in ("scoring", "self_reward"):
-    out[section] = {k: v for k, v in out[section].items() if k != "progress"}
+    out[section] = {k: v for k, v in out[section].items() if k not in ("progress", "fallback_instruction")}
   out["training"] = {k: v for k, v in out["training"].items() if k != "log"}
+  out["training"]["train"] = {k: v for k, v in out["training"]["train"].items() if k not in trainer.NOT_IDENTITY}
   return out
 
 
@@ -335,17 +337,6 @@ def run_round(models: improvement.Models, rnd: Round, prompts: dict[str, Any], c
   return new_policy, state
 
 
-def round_table(config: Any, initial_row: dict[str, Any], states: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One row per round (0: the initial model): win rate vs the initial model, judge score, length, RewardBench,
-  pairs."""
-  rows = [{"round": 0, "arm": config.label.arm, **initial_row}]
-  for r, state in enumerate(states, start=1):
-    rows.append({"round": r, "arm": config.label.arm, **state["eval"], "pairs": state["label"]["pairs"],
-                 "dpo_loss": state["train"]["train"].get("loss"),
-                 "dpo_accuracy": state["train"]["train"].get("rewards/accuracies")})
-  return rows
-
-
 def _initial(models: improvement.Models, run_dir: RunDir, prompts: dict[str, Any], config: Any
              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """The initial model's greedy answers to the held-out prompts (the baseline) and its evaluation row."""
@@ -375,6 +366,7 @@ def run(config: Any, model: Any = None) -> dict[str, Any]:
     raise ValueError(f"label.arm={config.label.arm!r} is not one of {ARMS}")
   if config.reference not in REFERENCES:
     raise ValueError(f"reference={config.reference!r} is not one of {REFERENCES}")
+  guards.check_settings(config.training)  # training sizes, before anything is written
   run_dir = RunDir.open(config.get("output_dir", ""), "self_improve", identity(config),
                         overwrite=config.get("overwrite", False))
   start = time.perf_counter()
@@ -388,7 +380,7 @@ def run(config: Any, model: Any = None) -> dict[str, Any]:
     policy, state = run_round(models, rnd, prompts, config, baseline, policy)
     states.append(state)
 
-  rows = round_table(config, initial_row, states)
+  rows = improvement.round_table(config.label.arm, initial_row, states)
   summary = {"rounds": rows, "category_counts": prompts["category_counts"],
              "seconds": round(time.perf_counter() - start, 2), "output_dir": run_dir.path}
   run_dir.write_json("rounds.json", summary)

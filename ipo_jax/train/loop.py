@@ -11,6 +11,12 @@ from the latest), metrics.jsonl, tensorboard/, curves.png, summary.json (stage "
 The reference is the initial policy unless `reference_params` are given: precomputed once over the data (default)
 or computed on the fly from frozen params; with LoRA it is the base with adapters off, without a second copy.
 The data order is a fixed function of the seed (`pairs.step_indices`), so a resumed run equals an uninterrupted one.
+
+Guards (ipo_jax/train/guards.py): sizes are checked before anything is written; training pairs with chosen ==
+rejected are counted (`pairs_identical` in the summary, and logged), and a set of nothing else is refused; a step with
+a non-finite loss, gradients or weights, or a diverging loss (`train.divergence_factor`), raises `TrainingDiverged`
+before its state is checkpointed; an unreadable latest checkpoint is reported and the run resumes from the newest
+intact one.
 """
 
 from __future__ import annotations
@@ -31,24 +37,26 @@ from ipo_jax import runtime, sharding
 from ipo_jax.model import chat, transformer
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.rundir import RunDir
-from ipo_jax.train import checkpoint as checkpoint_lib, loss as loss_lib, pairs as pairs_lib
-from ipo_jax.train.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, last_rows, plot_curves
+from ipo_jax.train import checkpoint as checkpoint_lib, guards, loss as loss_lib, pairs as pairs_lib
+from ipo_jax.train.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, last_rows, plot_curves, read_metrics
 from ipo_jax.train.optimizer import OptimSpec
 from ipo_jax.train.steps import Settings, Steps, TrainState, build_steps
 
 TASK = "dpo"
 REFERENCE_FILE = "reference_logps.npz"
 CHECKPOINT_DIR = "checkpoints"
+NOT_IDENTITY = ("stop_after_steps", "divergence_factor", "divergence_warmup")  # train settings that change no result
 
 
 def identity(config: Any, model: Mapping[str, Any], train_set: pairs_lib.PreferenceSet,
              eval_set: pairs_lib.PreferenceSet | None, reference: str = "policy") -> dict[str, Any]:
   """What a run's results depend on: the model (`model`, e.g. its path and dtype), the data settings and the
   fingerprints of the tokenized pairs, the dpo, lora, optim and train settings (the resolved compute dtype; not
-  train.stop_after_steps, which only splits a run), the seed, and the reference (`policy` or `given`)."""
+  train.stop_after_steps, which only splits a run, nor the divergence guard's settings, which only stop one), the
+  seed, and the reference (`policy` or `given`)."""
   section = lambda name: dict(config.get(name) or {})
   lora = section("lora") if int(section("lora").get("rank") or 0) else {"rank": 0}
-  train = {k: v for k, v in section("train").items() if k != "stop_after_steps"}
+  train = {k: v for k, v in section("train").items() if k not in NOT_IDENTITY}
   train["compute_dtype"] = Settings.from_config(config).compute_dtype
   return {"model": dict(model), "data": section("data"),
           "data_fingerprint": {"train": train_set.fingerprint(),
@@ -76,6 +84,7 @@ class Job:
   frozen: transformer.Params | None  # what the steps take as frozen params: the base (LoRA, on the fly) or None
   reference_params: transformer.Params | None
   run: RunDir | None
+  identical: int = 0  # training pairs with chosen == rejected
 
 
 @dataclasses.dataclass
@@ -88,6 +97,7 @@ class Progress:
   reference_s: float
   ckpt: checkpoint_lib.Checkpointer | None
   log: MetricsLog
+  guard: guards.Guard
   stop: int = 0
   rows: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"train": {}, "eval": {}})
   started: float = dataclasses.field(default_factory=time.time)
@@ -216,6 +226,7 @@ def _checkpoint_meta(job: Job, step: int) -> dict[str, Any]:
 def init(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None, reference_params: Any = None,
          run: RunDir | None = None) -> Job:
   """Settings, data, batching and the run directory (checked before anything is written), then the steps."""
+  guards.check_settings(config)
   mesh = getattr(model, "mesh", None) or runtime.mesh_from_config(config)
   s = Settings.from_config(config)
   if reference_params is not None and s.reference != "precomputed":
@@ -224,6 +235,10 @@ def init(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None, referen
   train_set = as_set(pairs, tokenizer, config.data, "train pairs")
   eval_set = as_set(eval_pairs, tokenizer, config.data, "eval pairs")
   micro, per_epoch, total = check_batching(config, len(train_set), mesh)
+  identical = guards.check_pairs(train_set, config.data)
+  if identical:
+    runtime.log(f"warning: {identical} of {len(train_set)} training pairs ({train_set.source}) have chosen == "
+                "rejected and carry no preference (summary: pairs_identical)")
   opt = OptimSpec.from_config(config.optim, total)
   if run is None and config.get("output_dir"):
     reference = "given" if reference_params is not None else "policy"
@@ -234,7 +249,7 @@ def init(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None, referen
   steps = build_steps(model.config, s, opt, model.params, frozen is not None, mesh)
   return Job(config=config, cfg=model.config, s=s, mesh=mesh, steps=steps, train_set=train_set, eval_set=eval_set,
              pad_id=chat.pad_id(tokenizer), micro=micro, per_epoch=per_epoch, total=total, base=model.params,
-             frozen=frozen, reference_params=reference_params, run=run)
+             frozen=frozen, reference_params=reference_params, run=run, identical=identical)
 
 
 def restore_or_init(job: Job) -> Progress:
@@ -246,15 +261,21 @@ def restore_or_init(job: Job) -> Progress:
   if job.run is not None and job.config.checkpoint.every > 0:
     ckpt = checkpoint_lib.Checkpointer(job.run.file(CHECKPOINT_DIR), every=job.config.checkpoint.every,
                                        keep=job.config.checkpoint.keep)
-  latest = ckpt.latest_step() if ckpt is not None else None
-  if latest is not None:
-    state, _ = ckpt.restore(latest, checkpoint_lib.abstract_like(job.steps.state_shapes, job.steps.state_shardings))
+  abstract = checkpoint_lib.abstract_like(job.steps.state_shapes, job.steps.state_shardings)
+  restored = ckpt.restore_latest(abstract, runtime.log) if ckpt is not None else None
+  latest, history = None, []
+  if restored is not None:
+    latest, state, _ = restored
     runtime.log(f"resumed from step {latest} ({job.run.file(CHECKPOINT_DIR)})")
+    history = [r["loss"] for r in read_metrics(job.run.file(METRICS_FILE))
+               if r["split"] == "train" and r["step"] <= latest and "loss" in r]
   else:
     with jax.set_mesh(job.mesh):
       state = job.steps.init(job.base, jax.random.key_data(jax.random.key(int(job.config.seed))))
   log = MetricsLog(job.run.path if job.run else None, bool(job.config.log.tensorboard))
-  p = Progress(state=state, start=latest or 0, ref=ref, reference_s=reference_s, ckpt=ckpt, log=log)
+  guard = guards.Guard(job.config, history, checkpoints=ckpt.directory if ckpt is not None else "")
+  guard.last_good = latest
+  p = Progress(state=state, start=latest or 0, ref=ref, reference_s=reference_s, ckpt=ckpt, log=log, guard=guard)
   if latest is not None:
     p.rows = last_rows(job.run.file(METRICS_FILE), latest)
   return p
@@ -270,6 +291,19 @@ def _log_window(job: Job, p: Progress, done: int, window: list, tokens: int, tic
   return p.log.write("train", done, avg)
 
 
+def _check_step(p: Progress, done: int, metrics: dict[str, Any]) -> None:
+  """The guards on step `done`'s loss, gradient norm and weights (`weights_finite` leaves the metrics); when they
+  stop the run, the checkpoints already saved are finished and nothing newer is written."""
+  loss, grad_norm, finite = jax.device_get((metrics["loss"], metrics["grad_norm"], metrics.pop("weights_finite")))
+  try:
+    p.guard.check(done, float(loss), float(grad_norm), bool(finite))
+  except guards.TrainingDiverged:
+    if p.ckpt is not None:
+      p.ckpt.close()
+    p.log.close()
+    raise
+
+
 def fit(job: Job, p: Progress) -> Progress:
   """Optimizer steps from `p.start` to the end (or `train.stop_after_steps` later), with periodic metrics,
   evaluation and checkpoints; `p.state` and `p.rows` follow."""
@@ -283,17 +317,18 @@ def fit(job: Job, p: Progress) -> Progress:
     batch, n = _train_batch(job, step, p.ref.get("train"))
     with jax.set_mesh(job.mesh):
       p.state, metrics = job.steps.train(p.state, job.frozen, batch)
+    done = step + 1
+    _check_step(p, done, metrics)
     window.append(metrics)
     tokens += n
-    done = step + 1
     if done % config.log.every == 0 or done == p.stop:
       p.rows["train"] = _log_window(job, p, done, window, tokens, tic)
       bar.set_postfix(loss=f"{p.rows['train']['loss']:.4f}", acc=f"{p.rows['train']['rewards/accuracies']:.2f}")
       window, tokens, tic = [], 0, time.time()
     if job.eval_set is not None and config.eval.every and done % config.eval.every == 0 and done != job.total:
       p.rows["eval"] = p.log.write("eval", done, evaluate(job, p.state.params, p.ref["eval"]))
-    if p.ckpt is not None:
-      p.ckpt.save(done, p.state, _checkpoint_meta(job, done), force=done == p.stop)
+    if p.ckpt is not None and p.ckpt.save(done, p.state, _checkpoint_meta(job, done), force=done == p.stop):
+      p.guard.saved(done)
     bar.update(1)
   bar.close()
   return p
@@ -316,7 +351,7 @@ def finalize(job: Job, p: Progress) -> tuple[transformer.Params, dict[str, Any]]
     with jax.set_mesh(job.mesh):
       params = job.steps.final(p.state.params, job.base)
   summary = {"complete": complete, "step": p.stop, "total_steps": job.total, "steps_per_epoch": job.per_epoch,
-             "train_pairs": len(job.train_set), "eval_pairs": len(job.eval_set) if job.eval_set is not None else 0,
+             "train_pairs": len(job.train_set), "pairs_identical": job.identical, "eval_pairs": len(job.eval_set) if job.eval_set is not None else 0,
              "reference_s": p.reference_s, "train_s": time.time() - p.started, "train": p.rows["train"],
              "eval": p.rows["eval"]}
   if job.run is not None:

@@ -148,7 +148,10 @@ def tokenize_rows(rows: Sequence[Any], tokenizer: Any, *, source: str, chat_temp
         raise DataError(f"{e} (set data.skip_invalid=True to skip such rows)") from None
       skipped += 1
   if not texts:
-    raise DataError(f"{source}: no usable preference rows")
+    if not rows:
+      raise DataError(f"{source}: no preference rows; nothing to learn")
+    raise DataError(f"{source}: all {len(rows)} rows were skipped as invalid (data.skip_invalid=True); nothing to "
+                    "learn: fix the rows' 'prompt'/'chosen'/'rejected' fields")
   prompts, chosen, rejected = (list(col) for col in zip(*texts))
   encode = lambda xs, special: [np.asarray(ids, np.int32) for ids in
                                 tokenizer(xs, add_special_tokens=special)["input_ids"]]
@@ -168,6 +171,15 @@ def load(path: str, tokenizer: Any, *, split: str = "train", name: str | None = 
 def bucket_length(n: int, max_length: int, minimum: int = 16) -> int:
   """The padded length for a longest row of `n` tokens: the next power of two, at most `max_length`."""
   return min(max_length, max(minimum, 1 << max(n - 1, 0).bit_length()))
+
+
+def identical_pairs(pset: PreferenceSet, *, max_length: int, max_prompt_length: int) -> int:
+  """How many pairs have the same chosen and rejected tokens within the budget `collate` keeps."""
+  count = 0
+  for prompt, chosen, rejected in zip(pset.prompt_ids, pset.chosen_ids, pset.rejected_ids):
+    room = max_length - len(prompt[-max_prompt_length:])
+    count += bool(np.array_equal(chosen[:room], rejected[:room]))
+  return count
 
 
 def collate(pset: PreferenceSet, indices: Sequence[int], *, max_length: int, max_prompt_length: int,

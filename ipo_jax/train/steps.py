@@ -108,7 +108,8 @@ def loss_fn(trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.A
 
 def train_step(s: Settings, cfg: ModelConfig, opt: OptimSpec, state: TrainState, frozen: Any,
                batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step over `batch` [accum, micro, ...]: gradients averaged over the micro-batches."""
+  """One optimizer step over `batch` [accum, micro, ...]: gradients averaged over the micro-batches. The metrics
+  include `weights_finite` (whether every updated weight is finite), which the trainer checks and does not log."""
   tx, schedule = from_spec(opt, state.params)
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, s=s, cfg=cfg), has_aux=True)
@@ -131,8 +132,14 @@ def train_step(s: Settings, cfg: ModelConfig, opt: OptimSpec, state: TrainState,
     metrics = jax.tree.map(lambda m: m / accum, metrics)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+  metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step),
+                 weights_finite=all_finite(params))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """[] float32: 1 when every value of `tree` is finite, else 0 (the trainer's guard reads it each step)."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]).all().astype(jnp.float32)
 
 
 def logps_step(s: Settings, cfg: ModelConfig, trainable: Any, frozen: Any, batch: dict[str, jax.Array]

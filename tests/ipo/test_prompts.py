@@ -79,3 +79,60 @@ def test_missing_prompts_file():
   with pytest.raises(FileNotFoundError, match="prompts file not found"):
     prompts.prompts_from_config("no/such/prompts.json")
   assert prompts.prompts_from_config("").source == "default"
+
+
+PAPER_FILES = ("paper:rewardbench_prompts", "paper:candidate_prompts", "paper:rewardbench_prompts_same",
+               "paper:rewardbench_prompts_shuffled", "paper:self_improvement_prompts")
+
+
+@pytest.mark.parametrize("prompts_file", ("",) + PAPER_FILES)
+def test_the_paper_files_and_the_defaults_pass_the_check_on_all_23_subsets(prompts_file):
+  prompt_set = prompts.prompts_from_config(prompts_file)
+  before = {s: prompt_set.instructions(s) for s in ALL_SUBSETS}
+  checked = prompts.check_subsets(prompt_set, ALL_SUBSETS, prompts_file)  # no error: every subset is known
+  assert {s: prompt_set.instructions(s) for s in ALL_SUBSETS} == before  # the check changes no instruction
+  expected_fallback = {
+      "paper:candidate_prompts": ("llmbar-adver-manual",),  # the authors' file lacks it: their "default"
+      "paper:self_improvement_prompts": tuple(s for s in ALL_SUBSETS if s.startswith("hep-")),  # no code key
+  }.get(prompts_file, ())
+  assert checked.fallback_subsets == tuple(sorted(expected_fallback)) and checked.unknown_subsets == ()
+  for subset in expected_fallback:
+    assert prompt_set.resolve(subset) == (prompt_set.fallback, "fallback")
+  rows = [{"subset": s} for s in ALL_SUBSETS for _ in range(2)]
+  summary = checked.summary(rows)
+  assert summary["fallback_pairs"] == {s: 2 for s in expected_fallback}
+  assert summary["fallback_pairs_total"] == 2 * len(expected_fallback)
+  assert summary["fallback"] == prompt_set.fallback and summary["prompts_file"] == (prompts_file or "default")
+
+
+def test_an_unknown_subset_is_an_error_naming_it_the_file_and_the_fix():
+  paper = prompts.load_prompts("paper:rewardbench_prompts")
+  with pytest.raises(ValueError) as err:
+    prompts.check_subsets(paper, {"alpacaeval-easy", "my-new-subset", "other-set"}, "paper:rewardbench_prompts")
+  message = str(err.value)
+  assert "\n" not in message
+  assert message.startswith("scoring.prompts_file=paper:rewardbench_prompts (rewardbench_prompts.json) has no "
+                            "instruction for the subsets ['my-new-subset', 'other-set']")
+  assert "add an entry for each to that file" in message
+  assert "--config.scoring.fallback_instruction=True" in message and "'alpacaeval-easy'" in message
+  with pytest.raises(ValueError, match=r"scoring.prompts_file \(empty: the project's default instructions\) has no "
+                     r"instruction for the subsets \['my-new-subset'\].*give a prompts file with an entry for each"):
+    prompts.check_subsets(prompts.default_prompts(), ["my-new-subset", "hep-go"])
+
+  allowed = prompts.check_subsets(paper, ["my-new-subset", "hep-go"], "paper:rewardbench_prompts",
+                                  fallback_instruction=True)
+  assert allowed.fallback_subsets == allowed.unknown_subsets == ("my-new-subset",)
+  assert allowed.summary([{"subset": "my-new-subset"}, {"subset": "hep-go"}])["fallback_pairs"] == {
+      "my-new-subset": 1}
+
+
+def test_known_names_may_fall_back_and_an_own_entry_needs_no_fallback(tmp_path):
+  path = tmp_path / "mine.json"
+  path.write_text(json.dumps({"fallback": "chat", "prompts": {"chat": "q?", "my-new-subset": "r?"}}))
+  mine = prompts.load_prompts(str(path))
+  # hep-kotlin has a category (code) and shp is a prior set: known, so the file's fallback serves them.
+  checked = prompts.check_subsets(mine, ["my-new-subset", "hep-kotlin", "shp", "alpacaeval-easy"], str(path))
+  assert checked.fallback_subsets == ("hep-kotlin", "shp") and checked.unknown_subsets == ()
+  assert mine.resolve("my-new-subset") == ("my-new-subset", "subset")
+  assert mine.resolve("alpacaeval-easy") == ("chat", "category")
+  assert taxonomy.known_subset("shp") and not taxonomy.known_subset("my-new-subset")

@@ -2,6 +2,7 @@
 
 import gguf
 import numpy as np
+import pytest
 
 from ipo_jax.model import gguf as gguf_reader, loading
 
@@ -65,3 +66,16 @@ def test_source_holds_one_parameter_at_a_time():
   assert list(source._held) == ["model.norm.weight"]  # pylint: disable=protected-access
   source.release()
   assert not source._held  # pylint: disable=protected-access
+
+
+def test_file_cut_short_names_the_incomplete_tensor(tmp_path):
+  """A download cut short fails when the file is opened, naming the first tensor whose data is missing."""
+  whole = open(loading.embedded_model_path(), "rb").read()
+  path = tmp_path / "cut.gguf"
+  path.write_bytes(whole[:len(whole) - 1000])
+  last = max(gguf_reader.GGUFFile(loading.embedded_model_path()).tensors.items(), key=lambda kv: kv[1].offset)[0]
+  with pytest.raises(ValueError, match=rf"cut\.gguf: the file is cut short: tensor '{last}' is incomplete"):
+    gguf_reader.GGUFFile(path)
+  path.write_bytes(whole[:100])
+  with pytest.raises(ValueError, match=r"cut\.gguf: cannot read GGUF header entry"):
+    gguf_reader.GGUFFile(path)

@@ -71,6 +71,43 @@ def test_missing_tensor_is_named(tmp_path):
     loading.load_model(str(tmp_path))
 
 
+def test_damaged_safetensors_and_bad_settings_are_named(tmp_path):
+  """Random bytes, a file cut short and a tensor of the wrong shape each name the file and tensor; an unknown
+  dtype lists the valid ones."""
+  hf_checkpoints.make_checkpoint("llama_tied", str(tmp_path))
+  weights = tmp_path / "model.safetensors"
+  whole = weights.read_bytes()
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(weights))
+  tensors["model.layers.2.self_attn.o_proj.weight"] = np.zeros((64, 60), np.float32)
+  save_file(tensors, str(weights), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.2\.self_attn\.o_proj\.weight' "
+                     r"has shape \[64, 60\], but config\.json implies \[64, 64\]"):
+    loading.load_model(str(tmp_path))
+  weights.write_bytes(whole[:-100])
+  with pytest.raises(ValueError, match=r"model\.safetensors: cannot read the weights: the file is cut short: tensor "
+                     r"'[\w.]+' is incomplete"):
+    loading.load_model(str(tmp_path))
+  weights.write_bytes(np.random.default_rng(0).bytes(1000))
+  with pytest.raises(ValueError, match=r"model\.safetensors: cannot read the weights: it is not a safetensors file"):
+    loading.load_model(str(tmp_path))
+  with pytest.raises(ValueError, match=r"model\.dtype='float64' is not supported; valid: float32, bfloat16, float16"):
+    loading.load_model(str(tmp_path), dtype="float64")
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    loading.load_model(str(tmp_path))
+
+
+def test_missing_local_looking_path_never_reaches_the_hub(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "runs").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"no such local model directory or file 'runs/policy' \('runs' exists "
+                     r"here\).*model\.path=hf:runs/policy or set model\.allow_hub=True"):
+    loading.load_model("runs/policy")
+  with pytest.raises(FileNotFoundError, match="hub"):  # allowed: it goes to the hub (offline here, or no such repo)
+    loading.resolve_model_path("runs/policy-no-such-repo-xyz", allow_hub=True)
+
+
 def test_unknown_path_and_hub_error():
   with pytest.raises(FileNotFoundError, match="not found"):
     loading.load_model("./no/such/model.gguf")

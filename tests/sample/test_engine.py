@@ -168,6 +168,9 @@ def test_sampling_config_checks_ranges():
     engine.SamplingConfig(num_samples=0)
   cfg = engine.SamplingConfig.from_config({"temperature": 0.0, "batch_size": 4, "stop_token_ids": [7]})
   assert cfg.greedy and cfg.stop_token_ids == (7,)
+  for kwargs in ({"batch_size": 0}, {"batch_size": -3}, {"max_prompt_tokens": -1}):
+    with pytest.raises(ValueError, match=f"sampling.{next(iter(kwargs))}={next(iter(kwargs.values()))}"):
+      next(engine.stream(None, ["a prompt"], cfg, **kwargs))  # before anything is encoded or compiled
 
 
 def test_batch_sharded_over_eight_devices_matches_one(toy, tmp_path):

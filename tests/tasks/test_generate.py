@@ -99,3 +99,19 @@ def test_generate_task_refuses_other_sampling_settings_and_resumes_the_same(smol
   again = generate_task.run(config)  # the same settings resume: nothing left to do
   assert again["generated"] == 0 and again["resumed"] == 2
   assert (tmp_path / engine.GENERATIONS_FILE).read_bytes() == finished[engine.GENERATIONS_FILE]
+
+
+def test_bad_data_and_sizes_fail_before_the_run_directory_opens(tmp_path):
+  """Bad prompt data or a zero batch size stops before output_dir is created, so fixing it and rerunning is not
+  refused as "other settings" (no model is loaded)."""
+  bad = tmp_path / "latin1.jsonl"
+  bad.write_bytes(b'{"instruction": "ok"}\n{"instruction": "caf\xe9"}\n')
+  config = _generate_config(tmp_path / "out")
+  config.data.path, config.data.limit = str(bad), 0
+  with pytest.raises(data.DataError, match=r"latin1\.jsonl: line 2 is not UTF-8"):
+    generate_task.run(config)
+  config = _generate_config(tmp_path / "out")
+  config.sampling.batch_size = 0
+  with pytest.raises(ValueError, match=r"sampling\.batch_size=0"):
+    generate_task.run(config)
+  assert not (tmp_path / "out").exists()

@@ -123,3 +123,89 @@ def test_a_rerun_with_other_data_or_settings_is_refused_before_anything_is_writt
   assert rewardbench_task.run(config)["scoring"]["pairs_scored"] == 1
   moved.overwrite = True  # the way out: start over
   assert rewardbench_task.run(moved)["counts"]["pairs"] == 2
+
+
+def _write_pairs(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def test_a_changed_data_file_under_the_same_path_is_refused_naming_the_fingerprint(tmp_path, monkeypatch, toy):
+  monkeypatch.setattr(runtime, "load_model_from_config", lambda config: toy)
+  config = run_config(tmp_path)
+  config.data.subsets, config.data.max_per_subset = "hep-go", 2
+  pairs = [dict(p) for p in rewardbench.load_pairs(config.data)]
+  path = _write_pairs(tmp_path / "pairs.jsonl", pairs)
+  config.data.path = path
+  rewardbench_task.run(config)
+  before = _hashes(tmp_path / "run")
+  _write_pairs(tmp_path / "pairs.jsonl", [dict(p, chosen=p["rejected"], rejected=p["chosen"]) for p in pairs])
+  with pytest.raises(ValueError, match=r"other settings \(data.fingerprint differ\); use another output_dir"):
+    rewardbench_task.run(config)
+  assert _hashes(tmp_path / "run") == before
+
+
+def _no_nan(constant):
+  raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_unknown_subsets_are_refused_unless_allowed_then_scored_with_a_null_score(tmp_path, monkeypatch, toy, capsys):
+  monkeypatch.setattr(runtime, "load_model_from_config", lambda config: toy)
+  base = run_config(tmp_path)
+  base.data.subsets, base.data.max_per_subset = "hep-go", 2
+  rows = [dict(p, subset=name) for name in ("my-a", "my-b") for p in rewardbench.load_pairs(base.data)]
+  config = run_config(tmp_path)
+  config.data.update(path=_write_pairs(tmp_path / "mine.jsonl", rows), subsets="", max_per_subset=0)
+  with pytest.raises(ValueError, match=r"^scoring.prompts_file \(empty: the project's default instructions\) has no "
+                     r"instruction for the subsets \['my-a', 'my-b'\] .*fallback_instruction=True"):
+    rewardbench_task.run(config)
+  assert not (tmp_path / "run").exists()  # refused before anything was written
+
+  config.scoring.fallback_instruction = True
+  summary = rewardbench_task.run(config)
+  out = tmp_path / "run"
+  written = json.loads((out / SUMMARY_FILE).read_text(), parse_constant=_no_nan)
+  assert written["score"] is None and summary["score"] is None and written["sections"] == {}
+  assert written["instructions"]["fallback_pairs"] == {"my-a": 2, "my-b": 2}
+  assert written["instructions"]["unknown_subsets"] == ["my-a", "my-b"]
+  report = (out / REPORT_FILE).read_text()
+  assert "- no official RewardBench section was scored (subsets: my-a, my-b)" in report
+  assert ("- fallback instruction: 4 pairs were scored under the fallback 'chat' of default, having no instruction "
+          "of their own (my-a: 2, my-b: 2); not RewardBench subsets: my-a, my-b") in report
+  assert (out / rewardbench_task.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+  assert "no official RewardBench section was scored" in capsys.readouterr().out
+
+
+def test_the_authors_own_fallback_is_counted_and_reported(tmp_path, monkeypatch, toy):
+  monkeypatch.setattr(runtime, "load_model_from_config", lambda config: toy)
+  config = run_config(tmp_path, prompts_file="paper:candidate_prompts")
+  config.data.subsets, config.data.max_per_subset = "llmbar-adver-manual,hep-go", 1
+  summary = rewardbench_task.run(config)  # llmbar-adver-manual is missing in the file: its "default", no error
+  assert summary["instructions"]["fallback_pairs"] == {"llmbar-adver-manual": 1}
+  assert summary["instructions"]["unknown_subsets"] == [] and summary["score"] is not None
+  report = (tmp_path / "run" / REPORT_FILE).read_text()
+  assert ("- fallback instruction: 1 pairs were scored under the fallback 'default' of paper:candidate_prompts, "
+          "having no instruction of their own (llmbar-adver-manual: 1)\n") in report
+
+
+@pytest.fixture(scope="module")
+def smollm():
+  from ipo_jax.model import loading  # pylint: disable=import-outside-toplevel
+  return loading.load_model("embedded")
+
+
+def test_a_low_yes_no_mass_warns_once_and_a_normal_run_does_not(tmp_path, monkeypatch, smollm, capsys):
+  monkeypatch.setattr(runtime, "load_model_from_config", lambda config: smollm)
+  warning = "warning: the Yes+No probability mass is low"
+  for name, overrides, low in [("normal", {}, False),
+                               ("no_question", dict(layout="template", template="{prompt}\n\n{response}"), True)]:
+    config = run_config(tmp_path, **overrides)
+    config.output_dir, config.scoring.max_length = str(tmp_path / name), 384
+    config.data.subsets, config.data.max_per_subset = "hep-go,hep-python,llmbar-adver-neighbor", 1
+    rewardbench_task.run(config)
+    mass = json.loads((tmp_path / name / SUMMARY_FILE).read_text())["yes_no_mass"]
+    assert mass["low"] is low and mass["threshold"] == ipo_rows.LOW_YES_NO_MASS
+    assert (mass["geometric_mean"] < 1e-5) if low else (mass["geometric_mean"] > 3e-4)
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith(warning)]
+    assert len(logged) == int(low)
+    assert (warning in (tmp_path / name / REPORT_FILE).read_text()) is low

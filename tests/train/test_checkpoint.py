@@ -48,3 +48,37 @@ def test_an_interrupted_save_is_not_a_checkpoint(tmp_path):
   reopened = checkpoint.Checkpointer(tmp_path / "ckpt", every=1)
   assert reopened.latest_step() == 3
   reopened.close()
+
+
+def test_an_unreadable_or_altered_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
+  import shutil
+
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=5)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {"step": step})
+  ckpt.close()
+  # Step 3: truncated files (orbax fails to read them). Step 2: arrays that read back fine but are not the ones
+  # saved (step 3's state under step 2's meta): only the checksum saved with them tells.
+  shutil.copytree(tmp_path / "ckpt" / "3" / "state", tmp_path / "state3")
+  for root, _, files in os.walk(tmp_path / "ckpt" / "3"):
+    for name in files:
+      os.truncate(os.path.join(root, name), os.path.getsize(os.path.join(root, name)) // 2)
+  shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
+  shutil.copytree(tmp_path / "state3", tmp_path / "ckpt" / "2" / "state")
+  mesh = sharding.make_mesh()
+  abstract = checkpoint.abstract_like(_state(1), jax.tree.map(lambda _: sharding.replicated(mesh), _state(1)))
+  lines = []
+  reopened = checkpoint.Checkpointer(tmp_path / "ckpt", every=1)
+  step, state, meta = reopened.restore_latest(abstract, lines.append)
+  assert step == 1 and meta == {"step": 1}
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(_state(1))):
+    np.testing.assert_array_equal(a, b)
+  assert len(lines) == 2
+  for line, bad in zip(lines, (3, 2)):
+    assert line.startswith(f"checkpoint {tmp_path / 'ckpt' / str(bad)} is unreadable (")
+    assert line.endswith(f"moved to {tmp_path / 'ckpt.unreadable' / str(bad)}, falling back to the previous checkpoint")
+  assert "(CorruptCheckpoint: the state's checksum" in lines[1]
+  assert reopened.all_steps() == [1] and sorted(os.listdir(tmp_path / "ckpt.unreadable")) == ["2", "3"]
+  reopened.save(2, _state(2), {"step": 2})  # the run goes on saving where the unreadable steps were
+  reopened.close()
+  assert checkpoint.Checkpointer(tmp_path / "ckpt", every=1).restore(2, abstract)[1] == {"step": 2}

@@ -157,6 +157,28 @@ def test_stop_and_resume_equals_uninterrupted(trained, tmp_path):
     loop.train_dpo(model, synthetic_pairs(64, seed=5), other)
 
 
+def test_an_unreadable_latest_checkpoint_resumes_from_the_previous_one(trained, tmp_path, capsys):
+  out = str(tmp_path / "resumed")
+  interrupted = train_config(out, STEPS)
+  interrupted.train.stop_after_steps = 10
+  loop.train_dpo(_toy_model(), synthetic_pairs(64, seed=0), interrupted, eval_pairs=synthetic_pairs(16, 1))
+  latest = os.path.join(out, "checkpoints", "10")
+  for root, _, files in os.walk(latest):  # every file of step 10 truncated to half
+    for name in files:
+      os.truncate(os.path.join(root, name), os.path.getsize(os.path.join(root, name)) // 2)
+  capsys.readouterr()
+  params, summary = loop.train_dpo(_toy_model(), synthetic_pairs(64, seed=0), train_config(out, STEPS),
+                                   eval_pairs=synthetic_pairs(16, 1))
+  log = capsys.readouterr().out.splitlines()
+  reports = [line for line in log if " is unreadable (" in line]
+  assert len(reports) == 1 and reports[0].startswith(f"checkpoint {latest} is unreadable (")
+  assert f"resumed from step 8 ({out}/checkpoints)" in log
+  assert summary["complete"] and summary["step"] == STEPS
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  assert os.listdir(os.path.join(out, "checkpoints.unreadable")) == ["10"]  # kept aside, not deleted
+
+
 def test_data_order_schedule_and_decay_mask():
   a, epoch = pairs_lib.step_indices(20, 8, seed=3, step=1)
   b, _ = pairs_lib.step_indices(20, 8, seed=3, step=1)

@@ -89,6 +89,17 @@ def test_skip_invalid_counts_and_keeps_the_rest(tok):
     pairs.tokenize_rows(rows, tok, source="prefs.jsonl")
   pset, skipped = pairs.tokenize_rows(rows, tok, source="prefs.jsonl", skip_invalid=True)
   assert (len(pset), skipped) == (2, 1)
+  with pytest.raises(DataError, match=r"^prefs.jsonl: all 2 rows were skipped as invalid .*nothing to learn"):
+    pairs.tokenize_rows([rows[1], rows[1]], tok, source="prefs.jsonl", skip_invalid=True)
+
+
+def test_identical_pairs_are_counted_within_the_token_budget():
+  pset = pairs.PreferenceSet(prompt_ids=[np.arange(1, 4)] * 3,
+                             chosen_ids=[np.array([4, 5]), np.array([4, 5, 6, 7]), np.array([4])],
+                             rejected_ids=[np.array([4, 5]), np.array([4, 5, 6, 8]), np.array([5])])
+  assert pairs.identical_pairs(pset, max_length=16, max_prompt_length=8) == 1
+  # Within 6 tokens (3 prompt + 3 response) row 1's responses are the same too.
+  assert pairs.identical_pairs(pset, max_length=6, max_prompt_length=3) == 2
 
 
 def test_jsonl_and_parquet_files_load_the_same(tok, tmp_path):
