@@ -42,6 +42,7 @@ from ipo_jax import runtime, sharding
 from ipo_jax.train import guards, loop as trainer
 from ipo_jax.evals import improvement
 from ipo_jax.evals.taxonomy import CATEGORIES
+from ipo_jax.ipo import prompts as prompts_lib
 from ipo_jax.ipo import readings
 from ipo_jax.ipo import scorer as scorer_lib
 from ipo_jax.model import export
@@ -367,10 +368,12 @@ def run(config: Any, model: Any = None) -> dict[str, Any]:
   if config.reference not in REFERENCES:
     raise ValueError(f"reference={config.reference!r} is not one of {REFERENCES}")
   guards.check_settings(config.training)  # training sizes, before anything is written
+  models = improvement.Models(config, model)
+  prompts_lib.check_subsets(models.prompt_set, {p["subset"] for p in models.rewardbench_pairs},
+                            config.scoring.get("prompts_file", ""), config.scoring.get("fallback_instruction", False))
   run_dir = RunDir.open(config.get("output_dir", ""), "self_improve", identity(config),
                         overwrite=config.get("overwrite", False))
   start = time.perf_counter()
-  models = improvement.Models(config, model)
   prompts = prepare_prompts(models, run_dir, config)
   baseline, initial_row = _initial(models, run_dir, prompts, config)
 
