@@ -172,10 +172,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
       raise DataError(f"{path}: line {n + 1} is not valid JSON") from None
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename)."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes a file atomically (temp file + rename): a reader sees the old file or the whole new one."""
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON atomically."""
+  write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
 

@@ -153,10 +153,7 @@ class RunDir:
 
   def write_text(self, name: str, text: str) -> None:
     if runtime.is_main_process():
-      tmp = self.file(name) + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-      os.replace(tmp, self.file(name))
+      data.write_text(self.file(name), text)
 
   # -- stages --------------------------------------------------------------------------------------------------
 

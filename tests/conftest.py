@@ -5,6 +5,7 @@ needs a source that cannot be had anywhere is reported as skipped with the resol
 data reachable, nothing is skipped.
 """
 
+import hashlib
 import os
 import socket
 
@@ -34,6 +35,17 @@ def source_path(ref: str, **kwargs) -> str:
     return str(sources.resolve(ref, **kwargs))
   except sources.SourceUnavailable as e:
     pytest.skip(str(e))
+
+
+def file_hashes(directory) -> dict[str, str]:
+  """{path relative to `directory`: SHA-256} of every file under it (to show a refused run wrote nothing)."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -6,7 +6,6 @@ a 3 s interpreter start per case); a few run as real subprocesses, in parallel.
 """
 
 import gzip
-import hashlib
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from ipo_jax import main as main_lib
 from ipo_jax.model import loading
+from tests.conftest import file_hashes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -100,15 +100,6 @@ def _finished_generate_run(output_dir, data_path):
                                                      "text": "4", "token_ids": [1], "finish_reason": "eos"}])
   run.finish({"prompts": 1})
   return output_dir
-
-
-def _hashes(directory):
-  out = {}
-  for base, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(base, name)
-      out[os.path.relpath(path, directory)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-  return out
 
 
 def _run_in_process(argv, capsys):
@@ -212,17 +203,17 @@ def _check(code, err, expected, argv):
 @pytest.mark.parametrize("config, overrides, expected", CASES, ids=[
     f"{i:02d}-{c}-{o[-1].split('=')[0].removeprefix('--config.')}" for i, (c, o, _) in enumerate(CASES)])
 def test_bad_input_in_process(files, capsys, config, overrides, expected):
-  before = _hashes(files["run"])
+  before = file_hashes(files["run"])
   argv = _argv(config, overrides, files)
   code, err = _run_in_process(argv, capsys)
   _check(code, err, expected, argv)
-  assert _hashes(files["run"]) == before
+  assert file_hashes(files["run"]) == before
 
 
 def test_bad_inputs_as_subprocesses(files):
   """The real `python -m ipo_jax.main`: the same one-line errors and exit status 2 (cases run in parallel)."""
   picked = [CASES[0], CASES[2], CASES[12], CASES[16], CASES[-3]]
-  before = _hashes(files["run"])
+  before = file_hashes(files["run"])
   procs = []
   for config, overrides, expected in picked:
     argv = _argv(config, overrides, files)
@@ -231,7 +222,7 @@ def test_bad_inputs_as_subprocesses(files):
   for argv, expected, proc in procs:
     _, err = proc.communicate(timeout=300)
     _check(proc.returncode, err, expected, argv)
-  assert _hashes(files["run"]) == before
+  assert file_hashes(files["run"]) == before
 
 
 def test_traceback_flag_and_environment_show_the_stack(files, capsys, monkeypatch):

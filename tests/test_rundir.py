@@ -1,18 +1,12 @@
 """The run-directory protocol: identity, refusal before any write, torn rows, stages, children, strict JSON."""
 
-import hashlib
 import json
 import math
-import pathlib
 
 import pytest
 
 from ipo_jax.rundir import RUN_FILE, IdentityMismatch, RunDir, differing_keys
-
-
-def _hashes(directory):
-  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(pathlib.Path(directory).rglob("*")) if p.is_file()}
+from tests.conftest import file_hashes
 
 
 def test_resume_refuses_other_settings_and_repairs_a_torn_line(tmp_path):
@@ -23,13 +17,13 @@ def test_resume_refuses_other_settings_and_repairs_a_torn_line(tmp_path):
   again = RunDir.open(str(tmp_path), "rewardbench", {"layout": "paper", "data": {"path": "x", "fingerprint": "1"}})
   assert [r["id"] for r in again.rows("scores.jsonl")] == [1]
   assert scores.read_text() == '{"subset": "a", "id": 1, "correct": true}\n'
-  before = _hashes(tmp_path)
+  before = file_hashes(tmp_path)
   with pytest.raises(IdentityMismatch, match=r"other settings \(data.fingerprint, layout differ\); use another "
                      r"output_dir, or --config.overwrite=True to start over"):
     RunDir.open(str(tmp_path), "rewardbench", {"layout": "chat", "data": {"path": "x", "fingerprint": "2"}})
   with pytest.raises(IdentityMismatch, match="holds a 'rewardbench' run, not 'generate'"):
     RunDir.open(str(tmp_path), "generate", {"layout": "paper"})
-  assert _hashes(tmp_path) == before  # a refused rerun writes nothing
+  assert file_hashes(tmp_path) == before  # a refused rerun writes nothing
 
 
 def test_overwrite_clears_the_directory_and_unknown_contents_are_refused(tmp_path):

@@ -1,8 +1,6 @@
 """Task `rewardbench` end to end on a toy model: outputs, resume after an interruption, refusal of other settings."""
 
-import hashlib
 import json
-import pathlib
 
 import pytest
 
@@ -13,6 +11,7 @@ from ipo_jax.ipo import prompts
 from ipo_jax.ipo import scorer as scorer_lib
 from ipo_jax.rundir import REPORT_FILE, SUMMARY_FILE
 from ipo_jax.tasks import rewardbench as rewardbench_task
+from tests.conftest import file_hashes
 from tests.ipo.test_scorer import toy_model
 
 def run_config(tmp_path, **scoring_overrides):
@@ -91,16 +90,12 @@ def test_config_variants():
   assert "rewardbench" in main.TASKS and rewardbench_task.__name__ == "ipo_jax.tasks.rewardbench"
 
 
-def _hashes(directory):
-  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(pathlib.Path(directory).iterdir())}
-
-
 def test_a_rerun_with_other_data_or_settings_is_refused_before_anything_is_written(tmp_path, monkeypatch, toy):
   monkeypatch.setattr(runtime, "load_model_from_config", lambda config: toy)
   config = run_config(tmp_path)
   config.data.subsets, config.data.max_per_subset = "hep-go", 2
   rewardbench_task.run(config)
-  before = _hashes(tmp_path / "run")
+  before = file_hashes(tmp_path / "run")
   assert {"run.json", "scores.jsonl", "summary.json", "report.md", "rewardbench.png"} <= set(before)
 
   changed = run_config(tmp_path, truncation="paper")
@@ -115,10 +110,10 @@ def test_a_rerun_with_other_data_or_settings_is_refused_before_anything_is_writt
   moved.data.update(path=str(other_data), subsets="hep-go", max_per_subset=2)
   with pytest.raises(ValueError, match=r"data.fingerprint, data.path differ"):
     rewardbench_task.run(moved)
-  assert _hashes(tmp_path / "run") == before  # nothing of the finished run was touched
+  assert file_hashes(tmp_path / "run") == before  # nothing of the finished run was touched
 
   again = rewardbench_task.run(config)  # the same settings: everything is already scored
-  assert again["scoring"]["pairs_scored"] == 0 and _hashes(tmp_path / "run")["scores.jsonl"] == before["scores.jsonl"]
+  assert again["scoring"]["pairs_scored"] == 0 and file_hashes(tmp_path / "run")["scores.jsonl"] == before["scores.jsonl"]
   config.data.max_per_subset = 3  # a larger selection of the same data resumes
   assert rewardbench_task.run(config)["scoring"]["pairs_scored"] == 1
   moved.overwrite = True  # the way out: start over
@@ -138,11 +133,11 @@ def test_a_changed_data_file_under_the_same_path_is_refused_naming_the_fingerpri
   path = _write_pairs(tmp_path / "pairs.jsonl", pairs)
   config.data.path = path
   rewardbench_task.run(config)
-  before = _hashes(tmp_path / "run")
+  before = file_hashes(tmp_path / "run")
   _write_pairs(tmp_path / "pairs.jsonl", [dict(p, chosen=p["rejected"], rejected=p["chosen"]) for p in pairs])
   with pytest.raises(ValueError, match=r"other settings \(data.fingerprint differ\); use another output_dir"):
     rewardbench_task.run(config)
-  assert _hashes(tmp_path / "run") == before
+  assert file_hashes(tmp_path / "run") == before
 
 
 def _no_nan(constant):

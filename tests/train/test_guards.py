@@ -11,7 +11,8 @@ import pytest
 
 from ipo_jax.data import DataError
 from ipo_jax.train import guards, loop, metrics, pairs as pairs_lib
-from tests.train.test_loop import _file_hashes, _task_setup, _toy_model, synthetic_pairs, train_config
+from tests.conftest import file_hashes
+from tests.train.test_loop import _task_setup, _toy_model, synthetic_pairs, train_config
 
 
 def _stopped(call, pattern):
@@ -49,10 +50,10 @@ def test_a_huge_learning_rate_stops_at_the_first_non_finite_step_and_keeps_the_l
   assert message.endswith(f"the last good checkpoint, step {bad - 1}, is kept in {out}/checkpoints")
   assert "optim.learning_rate=10000000000.0; use a lower" in message
   assert sorted(os.listdir(os.path.join(out, "checkpoints")), key=int) == [str(s) for s in range(1, bad)]
-  kept = {k: v for k, v in _file_hashes(out).items() if k.startswith("checkpoints") or k == metrics.METRICS_FILE}
+  kept = {k: v for k, v in file_hashes(out).items() if k.startswith("checkpoints") or k == metrics.METRICS_FILE}
   # The same settings resume from the last good step and stop at the same step again, touching nothing kept.
   assert _stopped(train, "^training stopped") == message
-  assert {k: v for k, v in _file_hashes(out).items() if k in kept or k.startswith("checkpoints")} == kept
+  assert {k: v for k, v in file_hashes(out).items() if k in kept or k.startswith("checkpoints")} == kept
   assert not os.path.exists(os.path.join(out, "summary.json"))
 
 

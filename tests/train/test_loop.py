@@ -2,7 +2,6 @@
 and the CLI task on a preference file (trains, checkpoints, resumes, exports a directory transformers loads)."""
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from ipo_jax import sharding
 from ipo_jax.train import checkpoint, loop, lora, metrics, optimizer, pairs as pairs_lib, steps
 from ipo_jax.model import transformer
 from ipo_jax.model.architecture import ModelConfig
+from tests.conftest import file_hashes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -319,17 +319,6 @@ def test_cli_task_trains_checkpoints_resumes_and_exports(tmp_path):
     main.run_task(config)
 
 
-def _file_hashes(directory):
-  """{relative path: sha256} of every file under `directory`."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def test_task_rerun_with_other_settings_is_refused_and_the_same_settings_resume(tmp_path):
   from ipo_jax import data, main, rundir
 
@@ -337,14 +326,14 @@ def test_task_rerun_with_other_settings_is_refused_and_the_same_settings_resume(
   config.train.update(max_steps=2, stop_after_steps=0)
   finished = main.run_task(config)
   assert finished["complete"] and finished["step"] == 2
-  before = _file_hashes(config.output_dir)
+  before = file_hashes(config.output_dir)
   assert {"run.json", "config.json", "summary.json", loop.REFERENCE_FILE, metrics.METRICS_FILE} <= set(before)
 
   changed = copy.deepcopy(config)
   changed.optim.learning_rate = 5e-3
   with pytest.raises(rundir.IdentityMismatch, match=r"other settings \(optim\.learning_rate differ\)"):
     main.run_task(changed)
-  assert _file_hashes(config.output_dir) == before  # nothing of the finished run was touched
+  assert file_hashes(config.output_dir) == before  # nothing of the finished run was touched
 
   resumed = main.run_task(config)  # the same settings: resumes from the last checkpoint, trains no step again
   assert resumed["complete"] and resumed["step"] == 2
