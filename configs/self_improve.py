@@ -18,7 +18,8 @@ layers), on an accelerator:
 A run writes to output_dir: prompts.json (split and categories), initial_answers.jsonl, initial_eval.json, per
 round round_<r>/{generations,labels,pairs,eval_answers}.jsonl, round_<r>/dpo/, round_<r>/policy/ (HF directory),
 round_<r>/state.json; rounds.json, rounds.md and rounds.png (win rate, judge score, length, RewardBench per
-round). Rerunning the same command resumes.
+round); with `sft.enabled`, sft/ (the SFT trainer's run, sft/policy/ the SFT'd model, round 0's policy). Rerunning
+the same command resumes.
 """
 
 from configs import common
@@ -65,6 +66,14 @@ def get_config(arg: str | None = None):
   c.training.checkpoint.keep = 1
   c.training.log.update(tensorboard=False, tqdm=False)
 
+  # Optional first stage: SFT of the model on (instruction, response) examples (the trainer's sections, as
+  # configs/sft.py); the SFT'd model is then round 0's policy. E.g. --config.sft.enabled=True
+  # --config.sft.data.path=databricks/databricks-dolly-15k (or a local file with --config.sft.data.columns.*).
+  c.sft = common.sft_training()
+  c.sft.enabled = False
+  c.sft.data.update(path="databricks/databricks-dolly-15k", split="train", name="")
+  c.sft.log.update(tensorboard=False, tqdm=False)
+
   # Held-out evaluation: greedy answers vs the initial model's, judged by `judge` ("": the initial model; a path
   # loads another model or a reward model); the policy's RewardBench score as an IPO classifier on the pairs of
   # `rewardbench` (path "" skips it).
@@ -81,6 +90,9 @@ def get_config(arg: str | None = None):
     c.scoring.update(max_length=512)
     c.self_reward.sampling.update(max_new_tokens=32, temperature=0.1)
     c.evaluation.rewardbench.update(max_per_subset=1)
+    c.sft.data.update(limit=64, max_length=256, max_prompt_length=128)
+    c.sft.train.update(batch_size=4, max_steps=4)
+    c.sft.eval.update(batch_size=4)
   if v.paper:
     c.training.lora.update(rank=256, alpha=128.0, dropout=0.05)
     c.training.train.update(remat=True)

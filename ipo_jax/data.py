@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from ipo_jax import sources
 
@@ -91,6 +91,18 @@ def _read_parquet(path: str) -> list[dict[str, Any]]:
 def local_file(path: str, split: str | None = None, name: str | None = None, what: str = "data file") -> str:
   """The local file behind a data option: itself, or a registered source's or hub data set's copy."""
   return str(sources.resolve(path, split=split, name=name, log=_log, what=what))
+
+
+def read_template(path: str, placeholders: Sequence[str], what: str) -> str:
+  """The text of a prompt template file (a local path or a registered source) holding every one of
+  `placeholders`, or a ValueError naming the file and the ones it lacks."""
+  path = local_file(path, what=what)
+  with open(path, encoding="utf-8") as f:
+    template = f.read()
+  missing = [p for p in placeholders if p not in template]
+  if missing:
+    raise ValueError(f"{what} {path} lacks the placeholder(s) {', '.join(missing)}")
+  return template
 
 
 def read_records(path: str, split: str | None = None, name: str | None = None) -> list[dict[str, Any]]:

@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 from absl import flags
 from ml_collections import config_flags
 
-TASKS = ("model_info", "rewardbench", "rewardbench_self_reward", "generate", "dpo", "self_improve")
+TASKS = ("model_info", "rewardbench", "rewardbench_self_reward", "rewardbench_pairwise", "rewardbench_reward_model",
+         "rmbench", "generate", "sft", "dpo", "self_improve", "aot")
 EXIT_INPUT_ERROR = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:variant`.",
@@ -158,7 +159,7 @@ def check_config(config: Any) -> None:
   """Settings that are wrong whatever the data: sizes, sampling ranges, model dtype and path, the mesh, and
   whether output_dir can be written. Raises ValueError (FileNotFoundError for a missing model) naming the key."""
   from ipo_jax import runtime  # pylint: disable=import-outside-toplevel  # these import jax
-  from ipo_jax.model import loading  # pylint: disable=import-outside-toplevel
+  from ipo_jax.model import loading, presets  # pylint: disable=import-outside-toplevel
   for key, section in _sections(config):
     for name in ("batch_size", "max_batch"):
       value = section.get(name, None)
@@ -171,7 +172,8 @@ def check_config(config: Any) -> None:
     loading.check_dtype(model.get("dtype", "float32"), "model.dtype")
     if model.get("path", None):
       loading.check_model_path(model.path, allow_hub=bool(model.get("allow_hub", False)))
-  if config.get("mesh", None) is not None:
+      presets.check_task(model.path, config.get("task"))
+  if config.get("mesh", None) is not None and config.get("task") != "aot":  # aot: a mesh of the target's devices
     runtime.mesh_from_config(config)
   if isinstance(config.get("output_dir", None), str) and config.output_dir:
     _check_output_dir(config.output_dir)

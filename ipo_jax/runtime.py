@@ -48,13 +48,17 @@ def log(*args: Any) -> None:
 
 
 def mesh_from_config(config: Any) -> jax.sharding.Mesh:
-  shape = config.get("mesh", {}).get("shape") if hasattr(config, "get") else None
-  return sharding.make_mesh(dict(shape) if shape else None)
+  section = config.get("mesh", {}) if hasattr(config, "get") else {}
+  shape = section.get("shape")
+  return sharding.make_mesh(dict(shape) if shape else None, slice_axis=section.get("slice_axis", "data"))
 
 
 def load_model_from_config(config: Any, mesh: jax.sharding.Mesh | None = None):
-  """Loads `config.model` (path, dtype, allow_hub) onto `mesh` (default: from `config.mesh`)."""
+  """Loads `config.model` (path, dtype, allow_hub) onto `mesh` (default: from `config.mesh`); a `preset:` path (random
+  weights, no tokenizer) only for the tasks in `presets.PRESET_TASKS`."""
+  from ipo_jax.model import presets
   from ipo_jax.model.loading import load_model
+  presets.check_task(config.model.path, config.get("task") if hasattr(config, "get") else None)
   mesh = mesh or mesh_from_config(config)
   return load_model(config.model.path, dtype=config.model.get("dtype", "float32"), mesh=mesh,
                     allow_hub=bool(config.model.get("allow_hub", False)))

@@ -9,11 +9,13 @@ axes. A dimension that its mesh axes do not divide stays unsharded on them.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.linen import logical_to_mesh_axes
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ipo_jax.model import params as params_lib
@@ -51,8 +53,15 @@ def logical_spec(axes: Sequence[str | None]) -> P:
   return logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
 
 
-def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices (default: all on fsdp)."""
+def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices: Sequence[Any] | None = None,
+              slice_axis: str = "data") -> Mesh:
+  """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices (default: all on fsdp).
+
+  Devices are laid out by the chip network (`mesh_utils.create_device_mesh`): on TPU the fsdp and tensor axes follow
+  the torus, on GPU hosts stay contiguous. Devices of several slices (TPU multi-slice: each device's
+  `slice_index`) make a hybrid mesh whose `slice_axis` (data by default, or fsdp) spans the slices over the data-center
+  network and every other axis stays within a slice.
+  """
   devices = list(devices if devices is not None else jax.devices())
   if shape is None:
     shape = {"fsdp": -1}
@@ -65,8 +74,41 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices: Sequ
   _check_mesh_sizes(sizes, len(devices), devices[0].platform if devices else "none")
   if -1 in sizes:
     sizes[sizes.index(-1)] = len(devices) // math.prod(s for s in sizes if s != -1)
-  grid = np.asarray(devices).reshape(sizes)
-  return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+  return Mesh(_device_grid(sizes, devices, slice_axis), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def _device_grid(sizes: list[int], devices: list[Any], slice_axis: str) -> np.ndarray:
+  """The devices as an array of `sizes`, placed by the physical network (list order where it has no topology)."""
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    if slice_axis not in ("data", "fsdp"):
+      raise ValueError(f"mesh.slice_axis must be data or fsdp, got {slice_axis!r}")
+    axis = AXES.index(slice_axis)
+    if sizes[axis] % slices:
+      raise ValueError(f"the devices span {slices} slices: mesh.shape.{slice_axis}={sizes[axis]} (mesh.slice_axis) "
+                       f"must be a multiple of {slices}")
+    dcn = [slices if i == axis else 1 for i in range(len(sizes))]
+    ici = [s // d for s, d in zip(sizes, dcn)]
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  try:
+    return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):  # a topology the helper does not map: list order
+    return np.asarray(devices).reshape(sizes)
+
+
+def platform(mesh: Any = None) -> str:
+  """"cpu", "gpu" or "tpu": the platform of `mesh`'s devices (a Mesh or AbstractMesh); without one, of the mesh set
+  with `jax.set_mesh` (also while tracing, so a program traced for a TPU mesh on a CPU host makes TPU decisions);
+  without that, of the default device (mesh-less calls on the host)."""
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  if isinstance(mesh, Mesh):
+    name = mesh.devices.flat[0].platform
+  elif mesh is not None and not mesh.empty and getattr(mesh, "abstract_device", None) is not None:
+    name = mesh.abstract_device.platform
+  else:
+    name = jax.devices()[0].platform
+  return "gpu" if name in ("cuda", "rocm", "gpu") else name
 
 
 def _check_mesh_sizes(sizes: list[int], count: int, platform: str) -> None:
@@ -138,3 +180,34 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 def to_global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from host data that every process holds in full (each device takes its slice)."""
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def abstract(shape: Sequence[int], dtype: Any, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+  """An argument of a program compiled ahead of time: its shape, dtype and placement."""
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def abstract_tree(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) for a pytree of arrays or ShapeDtypeStructs."""
+  return jax.tree.map(lambda x, s: abstract(x.shape, x.dtype, s), shapes, shardings)
+
+
+def abstract_params(cfg: Any, dtype: Any, mesh: Mesh) -> Any:
+  """The model's parameters as ShapeDtypeStructs placed as `param_shardings` places real ones."""
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), params_lib.param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+  return abstract_tree(shapes, param_shardings(shapes, mesh))
+
+
+class Lowerable(NamedTuple):
+  """A jitted program and abstract arguments to lower it with (static ones included): `lower()` traces it under its
+  mesh, so every decision (attention path, dtypes) is the mesh's platform's."""
+
+  name: str
+  fn: Any
+  args: tuple
+  mesh: Mesh
+
+  def lower(self) -> Any:
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*self.args)

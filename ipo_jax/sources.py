@@ -44,6 +44,8 @@ TIMEOUT_S = 30
 PAPER_REPO, PAPER_COMMIT = "shivank21/Implicit_Preference_Optimization", "44662860dc8f361d90849206eea4958016ee8ba1"
 RB_REPO, RB_COMMIT = "allenai/reward-bench", "05a9005efb607249822c193590c8ecab87c77052"
 FASTCHAT_REPO, FASTCHAT_COMMIT = "lm-sys/FastChat", "0e6d3e4beaab66f4d3f93db72541a4abab8af28d"
+XLA_REPO = "openxla/xla"
+_XLA_SPECS = "xla/backends/gpu/target_config/specs"
 
 
 class SourceUnavailable(FileNotFoundError):
@@ -145,8 +147,43 @@ _SOURCES = (
            readme_dict("metrics", "per_subset_accuracy"),
            filename="reward-bench/section_example.json", offline="reward_bench/section_scores_example.json",
            license="Apache-2.0"),
+    # RM-Bench (ipo_jax/evals/rmbench.py): the benchmark's one file, and the authors' per-domain copies of it.
+    Source("THU-KEG/RM-Bench", "hub_file", "THU-KEG/RM-Bench", "total_dataset.json",
+           filename="rm-bench/total_dataset.json", offline="rm_bench/total_dataset.json", license="ODC-BY",
+           split="train"),
+    *(Source(f"Ayush-Singh/RM-Bench-{d}", "hub_dataset", f"Ayush-Singh/RM-Bench-{d}", split="train",
+             filename=f"rm-bench/RM-Bench-{d}.jsonl.gz", offline=f"rm_bench/RM-Bench-{d}.jsonl.gz",
+             license="ODC-BY (RM-Bench's)") for d in ("chat", "code", "math", "safety-refuse", "safety-response")),
+    # SFT examples (ipo_jax/train/sft.py: instruction, context, response).
+    Source("databricks/databricks-dolly-15k", "hub_file", "databricks/databricks-dolly-15k",
+           "databricks-dolly-15k.jsonl", filename="dolly/databricks-dolly-15k.jsonl",
+           offline="sft/databricks-dolly-15k.jsonl", license="CC BY-SA 3.0", split="train"),
 )
-SOURCES: dict[str, Source] = {s.name: s for s in _SOURCES}
+
+
+def _drop_fields(*fields: str) -> Callable[[bytes, str], bytes]:
+  """A text proto without the lines of `fields` (ones this jaxlib's proto does not know)."""
+  def extract(content: bytes, origin: str) -> bytes:
+    del origin
+    lines = content.decode().splitlines(keepends=True)
+    return "".join(l for l in lines if l.strip().split(":")[0] not in fields).encode()
+  return extract
+
+
+# XLA's GPU target descriptions (ipo_jax/aot/targets.py compiles for GPUs this host does not have with them).
+_GPU_SPECS = (
+    Source("xla:h100_sxm_target_config", "github", XLA_REPO, f"{_XLA_SPECS}/h100_sxm.txtpb",
+           "0774019d97e77dc433ce97604295f6fc0f5b3b65",
+           "e41f966984c3e85ad7e22873a6f8c5d965eca55790cf143ffe9637881b75173f",
+           extract=_drop_fields("collective_memory_granularity"),
+           filename="xla/h100_sxm.txtpb", offline="xla/h100_sxm.txtpb", license="Apache-2.0"),
+    Source("xla:h200_target_config", "github", XLA_REPO, f"{_XLA_SPECS}/h200.txtpb",
+           "4336d12e0706168f6a382ddb231f3a83853b0657",
+           "2bc577bdb19a3294b15fb3ea8ed077e143b8398754666c12b03a8b305300b7b4",
+           extract=_drop_fields("collective_memory_granularity"),
+           filename="xla/h200.txtpb", offline="xla/h200.txtpb", license="Apache-2.0"),
+)
+SOURCES: dict[str, Source] = {s.name: s for s in _SOURCES + _GPU_SPECS}
 
 
 def lookup(ref: str, split: str | None = None, name: str | None = None) -> Source | None:

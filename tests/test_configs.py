@@ -37,3 +37,20 @@ def test_self_improve_variants_pick_one_size_and_one_arm():
     self_improve.get_config("ipo,random")
   with pytest.raises(ValueError, match="one size"):
     self_improve.get_config("local,paper")
+
+
+def test_every_config_file_and_variant_builds_a_known_task_with_an_output_dir():
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from ipo_jax import main  # pylint: disable=import-outside-toplevel
+  names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(os.path.dirname(common.__file__), "*.py")))
+  tasks = set()
+  for name in (n for n in names if n not in ("__init__", "common")):
+    module = importlib.import_module(f"configs.{name}")
+    for variant in (None, *getattr(module, "VARIANTS", ())):
+      config = module.get_config(variant)
+      assert config.task in main.TASKS, (name, variant, config.task)
+      assert config.overwrite is False and (config.get("output_dir") or config.task == "model_info"), (name, variant)
+      tasks.add(config.task)
+  assert set(main.TASKS) == tasks  # every task has a config file

@@ -23,7 +23,7 @@ def test_bad_value_and_unknown_task():
   assert out.returncode != 0 and "top_k" in out.stderr
   out = cli("--config", "configs/model_info.py", "--config.task=nope")
   assert out.returncode != 0
-  assert "unknown task 'nope'; valid tasks: dpo, generate, model_info, rewardbench" in out.stderr
+  assert "unknown task 'nope'; valid tasks: aot, dpo, generate, model_info, rewardbench, " in out.stderr
   assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in out.stderr
 
 

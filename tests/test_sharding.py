@@ -70,3 +70,19 @@ def test_eight_devices_equal_one(tmp_path, family):
     assert proc.returncode == 0, out
   assert "'data': 2, 'fsdp': 2, 'tensor': 2" in out and "q P(None, 'fsdp', 'tensor')" in out
   np.testing.assert_allclose(np.load(tmp_path / "eight.npy"), np.load(tmp_path / "one.npy"), atol=1e-5, rtol=0)
+
+
+def test_mesh_follows_the_chip_network():
+  """On a TPU v5e 4x4 (abstract devices, compiled for from this host) a (1, 4, 4) mesh puts each tensor group on
+  one row of the torus, and a 2-slice pod spans the slices with the data axis only."""
+  from ipo_jax.aot import targets  # pylint: disable=import-outside-toplevel
+  devices = targets.parse("tpu:v5e:4x4").devices()
+  mesh = sharding.make_mesh({"fsdp": 4, "tensor": 4}, devices)
+  for group in mesh.devices.reshape(4, 4):
+    assert len({d.coords[1] for d in group}) == 1  # one row of chips
+  pod = targets.parse("tpu:v5e:2x2:slices=2").devices()
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4}, pod)
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+  with pytest.raises(ValueError, match="slices"):
+    sharding.make_mesh({"data": 1, "fsdp": 8}, pod)
+  assert {d.slice_index for d in sharding.make_mesh({"fsdp": 8}, pod, slice_axis="fsdp").devices.flat} == {0, 1}

@@ -39,27 +39,37 @@ def score_rewardbench_pairs(scorer: scorer_lib.Scorer, rows: Sequence[dict[str, 
   Each row is scored under every instruction `prompt_set` gives its subset (an ensemble when several, combined
   with `scoring.ensemble`). All rows share one plan, so the compiled programs stay within `scoring.max_programs`.
   """
-  items, item_row = [], []
+  pairs, pair_row = [], []
   for r, row in enumerate(rows):
     for instruction in prompt_set.instructions(row["subset"]):
-      items.append(instruction)
-      item_row.append(r)
-  examples = [(ins, rows[r]["prompt"], rows[r][side]) for ins, r in zip(items, item_row)
-              for side in ("chosen", "rejected")]
-  encoded = scorer.encode(examples)
-  row_items = [[] for _ in rows]
-  for i, r in enumerate(item_row):
+      pairs.append((instruction, row["prompt"], row["chosen"], row["rejected"]))
+      pair_row.append(r)
+  method = scorer.settings.ensemble
+  return score_grouped_pairs(scorer, pairs, pair_row, len(rows), lambda r, values, encoded, items: _pair_result(
+      rows[r], method, values, encoded, items))
+
+
+def score_grouped_pairs(scorer: scorer_lib.Scorer, pairs: Sequence[tuple[str, str, str, str]],
+                        pair_row: Sequence[int], num_rows: int, finish: Any) -> Iterator[list[Any]]:
+  """Scores (instruction, prompt, chosen, rejected) `pairs` in one plan (each pair's shared start once), pair i
+  belonging to result row `pair_row[i]`; yields `finish(r, values, encoded, items)` for the rows whose pairs have
+  all finished (`values` [2 x pairs, 2]: log-odds and log Yes+No mass of sequence 2i (chosen) and 2i + 1
+  (rejected); `items`: row r's pair indices)."""
+  encoded = scorer.encode([(ins, prompt, response) for ins, prompt, chosen, rejected in pairs
+                           for response in (chosen, rejected)])
+  row_items: list[list[int]] = [[] for _ in range(num_rows)]
+  for i, r in enumerate(pair_row):
     row_items[r].append(i)
   remaining = np.array([2 * len(x) for x in row_items])
   values = np.zeros((len(encoded), 2))
-  for idx, out in scorer.score_pairs([(encoded[2 * i][0], encoded[2 * i + 1][0]) for i in range(len(items))]):
+  for idx, out in scorer.score_pairs([(encoded[2 * i][0], encoded[2 * i + 1][0]) for i in range(len(pair_row))]):
     values[idx] = out
     finished = []
     for seq in idx:
-      r = item_row[seq // 2]
+      r = pair_row[seq // 2]
       remaining[r] -= 1
       if remaining[r] == 0:
-        finished.append(_pair_result(rows[r], scorer.settings.ensemble, values, encoded, row_items[r]))
+        finished.append(finish(r, values, encoded, row_items[r]))
     if finished:
       yield finished
 

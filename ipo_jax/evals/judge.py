@@ -80,13 +80,7 @@ def load_template(prompt_file: str = "") -> str:
   `paper:self_reward_judge_prompt`) with both placeholders."""
   if not prompt_file:
     return DEFAULT_TEMPLATE
-  path = data_lib.local_file(prompt_file, what="judge prompt file")
-  with open(path, encoding="utf-8") as f:
-    template = f.read()
-  missing = [p for p in PLACEHOLDERS if p not in template]
-  if missing:
-    raise ValueError(f"judge prompt file {path} lacks the placeholder(s) {', '.join(missing)}")
-  return template
+  return data_lib.read_template(prompt_file, PLACEHOLDERS, "judge prompt file")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -285,3 +286,25 @@ class Evaluator:
   def rows(self) -> list[dict[str, Any]]:
     """The result rows of every pair, in the pairs' order."""
     return [self.finished[pair_key(p)] for p in self.pairs]
+
+
+def run_generative(pairs: Pairs, run: Any, task: str, load_model: Callable[[], Any],
+                   judge: Callable[[Any, list[dict[str, Any]]], Iterable[dict[str, Any]]]
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """A generative judge over the pairs not yet in `run`: `judge(model, todo)` yields one raw row per pair, the model
+  loaded (`load_model()`) only when there is something to judge. Returns the raw rows of every pair and the
+  judging's statistics (pairs judged now, seconds, compilations)."""
+  from ipo_jax import runtime  # pylint: disable=import-outside-toplevel  # jax-heavy
+  from ipo_jax.sample import engine  # pylint: disable=import-outside-toplevel
+
+  def score(todo):
+    model = load_model()
+    for row in judge(model, todo):
+      yield [row]
+
+  evaluator = Evaluator(pairs, score, run)
+  runtime.log(evaluator.describe(task, "judged"))
+  compiles, started = engine.num_compilations(), time.time()
+  dict(evaluator.run())
+  return evaluator.rows(), {"pairs_judged": evaluator.scored, "seconds": round(time.time() - started, 2),
+                            "compilations": engine.num_compilations() - compiles}

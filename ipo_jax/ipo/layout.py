@@ -6,6 +6,8 @@ Layouts (`scoring.layout`):
   chat      the same content as one user turn in the model's chat template with the generation prompt;
             "Yes" / "No".
   template  `scoring.template`, a string with {instruction}, {prompt} and {response}; " Yes" / " No".
+  paper_rmbench  the authors' RM-Bench text, reproduced exactly: `PAPER_RMBENCH_TEMPLATE` (the question comes after
+            the response and nothing follows it), otherwise as `paper`.
 
 Each answer must be exactly one token where it stands (checked by tokenizing the laid-out text with and
 without it), never summed over pieces.
@@ -23,12 +25,14 @@ from typing import Any, Sequence
 
 from ipo_jax.model import chat
 
-LAYOUTS = ("paper", "chat", "template")
+LAYOUTS = ("paper", "chat", "template", "paper_rmbench")
 TRUNCATIONS = ("keep_question", "paper")
 PAPER_TEMPLATE = "{instruction}\n    User : {prompt}\n    Response : {response}\n    "
+PAPER_RMBENCH_TEMPLATE = "Given the following:\n    User : {prompt}\n    Response : {response}\n    {instruction}"
 CHAT_CONTENT = "{instruction}\n    User : {prompt}\n    Response : {response}"
 _FIELDS = re.compile(r"\{(instruction|prompt|response)\}")
-_DEFAULT_ANSWERS = {"paper": (" Yes", " No"), "chat": ("Yes", "No"), "template": (" Yes", " No")}
+_DEFAULT_ANSWERS = {"paper": (" Yes", " No"), "chat": ("Yes", "No"), "template": (" Yes", " No"),
+                    "paper_rmbench": (" Yes", " No")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,8 @@ def make_layout(settings: Any, tokenizer: Any | None = None) -> Layout:
   """The layout of `settings` (a `scorer.Settings`: layout, template, yes, no)."""
   if settings.layout == "paper":
     template = PAPER_TEMPLATE
+  elif settings.layout == "paper_rmbench":
+    template = PAPER_RMBENCH_TEMPLATE
   elif settings.layout == "chat":
     if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
       raise ValueError("scoring.layout='chat' needs a tokenizer with a chat template; this one has none")

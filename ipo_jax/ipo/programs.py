@@ -123,3 +123,34 @@ def build(cfg: ModelConfig, mesh: jax.sharding.Mesh, params: Any) -> Programs:
       continuation=jit(_score_continuation, (weights, cache, replicated, rows, rows, replicated), replicated),
       packed=jit(_score_packed, (weights, rows, rows, rows, rows, replicated), replicated),
   )
+
+
+KINDS = ("plain", "packed", "prefill", "continuation")
+
+
+def lowerable(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: Any, kind: str, rows: int, length: int, *,
+              sequences: int = 1, prefix_rows: int = 0, prefix_length: int = 0) -> sharding.Lowerable:
+  """One scoring program of `build` with abstract arguments, to compile ahead of time for `mesh` (any platform).
+
+  plain / packed: `rows` x `length` tokens (packed: `sequences` scored per row); prefill: `rows` shared starts of
+  `length` tokens; continuation: `rows` continuations of `length` tokens after a prefill of `prefix_rows` x
+  `prefix_length` (default: `rows` x `length`)."""
+  if kind not in KINDS:
+    raise ValueError(f"scoring program must be one of {KINDS}, got {kind!r}")
+  params = sharding.abstract_params(cfg, dtype, mesh)
+  progs = build(cfg, mesh, params)
+  row_sharding, rep = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
+  tokens = lambda r=rows, n=length: sharding.abstract((r, n), jnp.int32, row_sharding)
+  answers = sharding.abstract((2,), jnp.int32, rep)
+  if kind == "plain":
+    args = (tokens(), tokens(), answers)
+  elif kind == "packed":
+    args = (tokens(), tokens(), tokens(), tokens(rows, sequences), answers)
+  elif kind == "prefill":
+    args = (tokens(), tokens())
+  else:
+    w, p = prefix_rows or rows, prefix_length or length
+    cache_shapes = jax.eval_shape(lambda: transformer.init_cache(cfg, w, p, jnp.dtype(dtype)))
+    cache = sharding.abstract_tree(cache_shapes, cache_shardings(cfg, mesh))
+    args = (cache, sharding.abstract((rows,), jnp.int32, rep), tokens(), tokens(), answers)
+  return sharding.Lowerable(f"score_{kind}", getattr(progs, kind), (cfg, params) + args, mesh)

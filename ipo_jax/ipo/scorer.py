@@ -69,9 +69,14 @@ class Settings:
       if not ok:
         raise ValueError(message)
 
-  def tokens_per_batch(self) -> int:
-    """`batch_tokens`, or when 0: 2048 on CPU (a batch's activations stay in cache), 8192 on an accelerator."""
-    return self.batch_tokens or (2048 if jax.default_backend() == "cpu" else 8192)
+  def tokens_per_batch(self, platform: str | None = None) -> int:
+    """`batch_tokens`, or when 0: 2048 on CPU (a batch's activations stay in cache), 8192 on an accelerator.
+    `platform` (cpu, gpu, tpu): the mesh's (default: `sharding.platform()`, the mesh set or the default device)."""
+    return self.batch_tokens or (2048 if (platform or sharding.platform()) == "cpu" else 8192)
+
+  def on(self, platform: str) -> "Settings":
+    """These settings with the defaults that depend on the hardware fixed for `platform`."""
+    return dataclasses.replace(self, batch_tokens=self.tokens_per_batch(platform))
 
   @classmethod
   def from_config(cls, scoring: Any) -> "Settings":
@@ -149,8 +154,8 @@ class Scorer:
 
   def __init__(self, model: Any, settings: Settings = Settings(), answers: tuple[int, int] | None = None):
     """`answers`: (yes id, no id) to score token ids without a tokenizer; by default from the layout's answers."""
-    self.model, self.settings = model, settings
     self.cfg, self.mesh, self.tokenizer = model.config, model.mesh, model.tokenizer
+    self.model, self.settings = model, settings.on(sharding.platform(self.mesh))
     if settings.max_length > self.cfg.max_position_embeddings:
       raise ValueError(f"scoring.max_length={settings.max_length} exceeds the model's "
                        f"{self.cfg.max_position_embeddings} positions")

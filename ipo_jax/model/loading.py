@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipo_jax import sharding
-from ipo_jax.model import params as params_lib, transformer
+from ipo_jax.model import params as params_lib, presets, transformer
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.model.gguf import GGUFSource
 
@@ -80,7 +80,10 @@ def _not_a_hub_id(path_or_id: str) -> str | None:
 def check_model_path(path_or_id: str, allow_hub: bool = False) -> None:
   """A model path that reads as local (it starts with ".", "~" or "/", ends with a model file suffix, or its first
   component exists here) but does not exist is an error naming it; it is never sent to the hub unless
-  `allow_hub` (model.allow_hub=True) or it is written `hf:owner/name`."""
+  `allow_hub` (model.allow_hub=True) or it is written `hf:owner/name`. `preset:<name>` must name a preset."""
+  if presets.is_preset(path_or_id):
+    presets.preset_name(path_or_id)
+    return
   if path_or_id in ("", EMBEDDED, GEMMA3_270M) or path_or_id.startswith(HUB_PREFIX):
     return
   if os.path.exists(os.path.expanduser(path_or_id)):
@@ -101,6 +104,8 @@ def resolve_model_path(path_or_id: str, allow_hub: bool = False) -> str:
   See `check_model_path` for when a missing path goes to the hub (`allow_hub`, or an `hf:` id)."""
   if path_or_id in ("", EMBEDDED):
     return embedded_model_path()
+  if presets.is_preset(path_or_id):
+    raise ValueError(f"model.path={path_or_id} is a preset (shapes only): it has no files; load it with load_model")
   if path_or_id == GEMMA3_270M:
     return gemma3_270m_path()
   if not path_or_id.startswith(HUB_PREFIX) and os.path.exists(os.path.expanduser(path_or_id)):
@@ -328,26 +333,59 @@ def _hf_config(path: str) -> Any:
                      ) from None
 
 
+def _source_and_config(path: str) -> tuple[Any, Any]:
+  """The tensor source and the transformers config of a resolved `.gguf` file or HF directory."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  if path.endswith(".gguf"):
+    source = GGUFSource(path)
+    return source, transformers.AutoConfig.for_model(source.model_type, **source.hf_config_dict())
+  hf_config = _hf_config(path)  # first: a directory without config.json is named as such
+  return SafetensorsSource(path), hf_config
+
+
+def model_config(path_or_id: str = EMBEDDED, allow_hub: bool = False) -> ModelConfig:
+  """The architecture of a model (what `load_model` would load) without reading its weights."""
+  if presets.is_preset(path_or_id):
+    return presets.model_config(path_or_id)
+  path = resolve_model_path(path_or_id, allow_hub=allow_hub)
+  return ModelConfig.from_hf(_source_and_config(path)[1] if path.endswith(".gguf") else _hf_config(path))
+
+
 def load_model(path_or_id: str = EMBEDDED, dtype: str | Any = "float32",
                mesh: jax.sharding.Mesh | None = None, allow_hub: bool = False) -> Model:
-  """Loads a model from a HF directory, a hub id, a `.gguf` file, "embedded" or "gemma3-270m".
+  """Loads a model from a HF directory, a hub id, a `.gguf` file, "embedded", "gemma3-270m" or `preset:<name>`
+  (a published architecture with random weights and no tokenizer, see `presets`).
 
   A missing path that reads as local is an error, not a hub download, unless `allow_hub` (`check_model_path`)."""
-  import transformers  # pylint: disable=import-outside-toplevel
   from ipo_jax.model import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
   check_dtype(dtype)
   jdtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
   mesh = mesh or sharding.make_mesh()
+  if presets.is_preset(path_or_id):
+    return load_preset(path_or_id, jdtype, mesh)
   path = resolve_model_path(path_or_id, allow_hub=allow_hub)
-  if path.endswith(".gguf"):
-    source = GGUFSource(path)
-    hf_config = transformers.AutoConfig.for_model(source.model_type, **source.hf_config_dict())
-  else:
-    hf_config = _hf_config(path)
-    source = SafetensorsSource(path)
+  source, hf_config = _source_and_config(path)
   cfg = ModelConfig.from_hf(hf_config)
   params = load_params(source, cfg, mesh, jdtype)
   tok = tokenizer_lib.load_tokenizer(path) if _has_tokenizer(path) else None
   name = path_or_id if path_or_id not in ("", EMBEDDED) else "SmolLM2-135M-Instruct (embedded GGUF)"
   return Model(config=cfg, params=params, tokenizer=tok, mesh=mesh, hf_config=hf_config, name=name, dtype=jdtype)
+
+
+def load_preset(path: str, dtype: Any, mesh: jax.sharding.Mesh, seed: int = 0) -> Model:
+  """`preset:<name>`: the published architecture with seeded random weights made on `mesh`, and no tokenizer."""
+  hf_config = presets.hf_config(path)
+  cfg = ModelConfig.from_hf(hf_config)
+  params = presets.random_params(cfg, mesh, dtype, seed)
+  return Model(config=cfg, params=params, tokenizer=None, mesh=mesh, hf_config=hf_config, name=path, dtype=dtype)
+
+
+def require_tokenizer(model: Model) -> Any:
+  """The model's tokenizer; a model without one (a preset, a bare checkpoint) is an error saying so."""
+  if model.tokenizer is not None:
+    return model.tokenizer
+  if presets.is_preset(model.name):
+    raise ValueError(presets.no_tokenizer_message(model.name))
+  raise ValueError(f"{model.name} has no tokenizer (no tokenizer.json or tokenizer_config.json); save the "
+                   "tokenizer with the checkpoint")

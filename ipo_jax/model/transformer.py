@@ -23,7 +23,7 @@ import numpy as np
 
 from ipo_jax.model.architecture import SLIDING, ModelConfig, RopeSpec
 from ipo_jax.model.params import param_shapes
-from ipo_jax.sharding import constrain
+from ipo_jax.sharding import constrain, platform
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -159,11 +159,12 @@ def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
   `causal_blocks` (a cache-less call, S = T, the mask causal): each block of QUERY_BLOCK queries is computed only
   against the keys up to its end, which skips the upper triangle's blocks (the same result; about half the
   attention FLOPs on long rows). The query heads sharing a KV head are folded into the query axis, so each
-  (row, KV head) is one GEMM pair. On CPU a cache-less call runs its rows one at a time and each KV head as a
+  (row, KV head) is one GEMM pair. On a CPU mesh a cache-less call runs its rows one at a time and each KV head as a
   plain 2D GEMM pair: XLA's CPU backend runs 2D bf16 dots on its fast (AMX) path and batched ones about 2x slower,
-  and one row's score blocks stay in cache."""
+  and one row's score blocks stay in cache. The platform is the mesh's (`sharding.platform`), so a program traced
+  on a CPU host for a TPU mesh takes the batched path it would take there."""
   one_row = q.ndim == 3
-  if causal_blocks and not one_row and jax.default_backend() == "cpu":
+  if causal_blocks and not one_row and platform() == "cpu":
     return jax.lax.map(lambda row: _attention(cfg, *row, causal_blocks=True), (q, k, v, mask))
   if causal_blocks and q.shape[-3] > QUERY_BLOCK:
     blocks = [_attention(cfg, q[..., a:e, :, :], k[..., :e, :, :], v[..., :e, :, :], mask[..., a:e, :e])
@@ -227,8 +228,7 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
 
 
 def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
-  table = constrain(params["embed"], ("vocab", None))  # gather the fsdp shards; vocab stays split
-  h = jnp.take(table, input_ids, axis=0)
+  h = jnp.take(params["embed"], input_ids, axis=0)  # the looked-up rows only, not the whole table, move
   if cfg.embed_scale != 1.0:
     h = h * jnp.asarray(cfg.embed_scale, h.dtype)
   return constrain(h, HIDDEN)

@@ -243,6 +243,24 @@ def build_decode(mesh: jax.sharding.Mesh, params: Any) -> Callable:
                  out_shardings=(rows, rows))
 
 
+def lowerable(cfg: Any, mesh: jax.sharding.Mesh, dtype: Any, sampling: SamplingConfig, rows: int,
+              prompt_length: int, eos: Sequence[int] = (0,)) -> sharding.Lowerable:
+  """The decode program of `build_decode` (prefill + the decode loops) for `rows` prompts of `prompt_length` tokens
+  and `sampling` (num_samples generations of max_new_tokens each), with abstract arguments, to compile ahead of
+  time for `mesh` (any platform)."""
+  params = sharding.abstract_params(cfg, dtype, mesh)
+  rows_sharding = sharding.batch_sharding(mesh, 1)  # as `stream` places them
+  key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  scalar = sharding.abstract((), jnp.float32, sharding.replicated(mesh))
+  args = (cfg, _DecodeSpec.make(sampling, eos), params,
+          sharding.abstract((rows, prompt_length), jnp.int32, rows_sharding),
+          sharding.abstract((rows, prompt_length), jnp.int32, rows_sharding),
+          sharding.abstract((rows,), jnp.bool_, rows_sharding),
+          sharding.abstract((rows, sampling.num_samples) + key_shape.shape, key_shape.dtype, rows_sharding),
+          scalar, scalar, scalar)
+  return sharding.Lowerable("generate", build_decode(mesh, params), args, mesh)
+
+
 def num_compilations() -> int:
   """Decode programs compiled so far in this process (one per prompt bucket x batch bucket x static settings)."""
   return _TRACES[0]

@@ -29,6 +29,7 @@ PLOT_FILE = "rewardbench.png"
 def identity(config: Any, settings: scorer_lib.Settings, prompt_set: prompts_lib.PromptSet,
              pairs: rewardbench.Pairs) -> dict[str, Any]:
   """What determines a pair's scores: model, data, layout, answers, truncation, instructions."""
+  seed = config.scoring.get("derangement_seed", -1)  # a prompt ablation (configs/rewardbench.py:deranged)
   return {
       "model": config.model.path, "dtype": config.model.get("dtype", "float32"),
       "data": {"path": config.data.get("path", ""), "split": config.data.get("split", "filtered"),
@@ -37,6 +38,7 @@ def identity(config: Any, settings: scorer_lib.Settings, prompt_set: prompts_lib
       "max_length": settings.max_length, "truncation": settings.truncation, "ensemble": settings.ensemble,
       "prompts": rewardbench.fingerprint({k: list(v) for k, v in prompt_set.prompts.items()} | {
           "fallback": prompt_set.fallback}),
+      **({"derangement_seed": seed} if seed != -1 else {}),
   }
 
 
@@ -45,7 +47,7 @@ def run(config: Any) -> dict[str, Any]:
   start = time.time()
   settings = scorer_lib.Settings.from_config(config.scoring)
   prompts_file = config.scoring.get("prompts_file", "")
-  prompt_set = prompts_lib.prompts_from_config(prompts_file)
+  prompt_set = prompts_lib.prompts_from_scoring(config.scoring)
   pairs = rewardbench.load_pairs(config.data)
   if not pairs:
     raise ValueError(f"{pairs.source}: no pairs selected")

@@ -19,7 +19,6 @@ import numpy as np
 from ipo_jax import runtime
 from ipo_jax.evals import judge, report, rewardbench
 from ipo_jax.rundir import SUMMARY_FILE, RunDir
-from ipo_jax.sample import engine
 
 PLOT_FILE = "rewardbench.png"
 TITLE = "RewardBench: self-rewarding judge"
@@ -78,23 +77,16 @@ def run(config: Any) -> dict[str, Any]:
   run_dir = RunDir.open(config.output_dir, "rewardbench_self_reward", identity(config, settings, pairs),
                         overwrite=config.get("overwrite", False))
 
-  def score(todo):
-    model = runtime.load_model_from_config(config)  # only when there is something to judge
-    for row in judge.judge_pairs(model, todo, settings, config.seed, progress=config.judge.get("progress", True)):
-      yield [row]
-
-  evaluator = rewardbench.Evaluator(pairs, score, run_dir)
-  runtime.log(evaluator.describe("rewardbench_self_reward", "judged"))
-  compiles, judge_start = engine.num_compilations(), time.time()
-  dict(evaluator.run())
-  judge_time = time.time() - judge_start
-  rows = [judge.score_pair(r, settings.unparsable_score) for r in evaluator.rows()]
+  progress = config.judge.get("progress", True)
+  raw, judged = rewardbench.run_generative(
+      pairs, run_dir, "rewardbench_self_reward", lambda: runtime.load_model_from_config(config),
+      lambda model, todo: judge.judge_pairs(model, todo, settings, config.seed, progress=progress))
+  rows = [judge.score_pair(r, settings.unparsable_score) for r in raw]
   method = (f"self-rewarding judge ({'chat' if settings.chat_template else 'raw'} layout, "
             f"{'default rubric' if settings.template == judge.DEFAULT_TEMPLATE else 'rubric from file'})")
   summary = rewardbench.summarize(
       rows, model=config.model.path, data=pairs.source, method=method, wall_time_s=round(time.time() - start, 1),
-      judge={**_judge_stats(rows, settings), "pairs_judged": evaluator.scored, "seconds": round(judge_time, 2),
-             "compilations": engine.num_compilations() - compiles},
+      judge={**_judge_stats(rows, settings), **judged},
       skipped_invalid=pairs.skipped, settings=run_dir.identity, config=json.loads(config.to_json_best_effort()))
   stats = summary["judge"]
   extra = [f"\nUnparsable judgements: {stats['unparsable']} of {2 * len(rows)} (scored {settings.unparsable_score})."]

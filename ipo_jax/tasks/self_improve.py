@@ -2,6 +2,11 @@
 
 A round with policy π (round 1: the initial model; round r + 1: the policy of round r):
 
+0. `sft` (optional, once, `sft.enabled`): supervised fine-tuning of the model on `sft.data` (instruction, response)
+   examples with the completion-only loss (the trainer's run directory `sft/`, the policy exported to
+   `sft/policy/`); the SFT'd model is then the initial model: round 0's policy, round 1's starting policy and DPO
+   reference, the baseline of the held-out evaluation and (unless `evaluation.judge` names another) its judge.
+
 1. `generate`: N samples per training prompt from π (`round_<r>/generations.jsonl`, resumable row by row).
 2. `label`: each sample scored by the labelling arm (`ipo`: π's P(Yes) under the instruction of the prompt's
    category, read by the IPO scorer; `self_reward`: π's 1-5 grade from the 5-point judge; `random`: a seeded
@@ -39,7 +44,7 @@ import numpy as np
 
 from ipo_jax import data as data_lib
 from ipo_jax import runtime, sharding
-from ipo_jax.train import guards, loop as trainer
+from ipo_jax.train import guards, loop as trainer, sft_stage
 from ipo_jax.evals import improvement
 from ipo_jax.evals.taxonomy import CATEGORIES
 from ipo_jax.ipo import prompts as prompts_lib
@@ -61,12 +66,15 @@ NOT_IDENTITY = ("task", "output_dir", "overwrite", "rounds", "mesh", "distribute
 
 def identity(config: Any) -> dict[str, Any]:
   """Every result-determining setting: the config without NOT_IDENTITY, progress bars, logging and the trainer's
-  guards (`trainer.NOT_IDENTITY`)."""
+  guards (`trainer.NOT_IDENTITY`); the `sft` section only when the stage is on."""
   out = {k: v for k, v in config.to_dict().items() if k not in NOT_IDENTITY}
   for section in ("scoring", "self_reward"):
     out[section] = {k: v for k, v in out[section].items() if k not in ("progress", "fallback_instruction")}
-  out["training"] = {k: v for k, v in out["training"].items() if k != "log"}
-  out["training"]["train"] = {k: v for k, v in out["training"]["train"].items() if k not in trainer.NOT_IDENTITY}
+  sft = out.pop("sft", None) or {}
+  for section, trained in (("training", out["training"]), ("sft", sft if sft.get("enabled") else None)):
+    if trained is not None:
+      out[section] = {k: v for k, v in trained.items() if k != "log"}
+      out[section]["train"] = {k: v for k, v in trained["train"].items() if k not in trainer.NOT_IDENTITY}
   return out
 
 
@@ -180,7 +188,12 @@ def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
 
 def _round_stages(output_dir: str, index: int) -> dict[str, Any]:
   """The finished stages of round `index` (with their summaries), read without opening the round."""
-  path = os.path.join(output_dir, f"round_{index}", RUN_FILE)
+  return _stages(os.path.join(output_dir, f"round_{index}"))
+
+
+def _stages(directory: str) -> dict[str, Any]:
+  """The finished stages of the run directory `directory` (with their summaries), read without opening it."""
+  path = os.path.join(directory, RUN_FILE)
   if not os.path.exists(path):
     return {}
   with open(path, encoding="utf-8") as f:
@@ -371,9 +384,13 @@ def run(config: Any, model: Any = None) -> dict[str, Any]:
   models = improvement.Models(config, model)
   prompts_lib.check_subsets(models.prompt_set, {p["subset"] for p in models.rewardbench_pairs},
                             config.scoring.get("prompts_file", ""), config.scoring.get("fallback_instruction", False))
+  examples = sft_stage.examples(models.initial, config,
+                                done=lambda: sft_stage.STAGE in _stages(config.get("output_dir") or "."))
   run_dir = RunDir.open(config.get("output_dir", ""), "self_improve", identity(config),
                         overwrite=config.get("overwrite", False))
   start = time.perf_counter()
+  if sft_stage.enabled(config):  # the SFT'd model is the initial model from here on
+    models = improvement.Models(config, sft_stage.run(models.initial, run_dir, config, examples))
   prompts = prepare_prompts(models, run_dir, config)
   baseline, initial_row = _initial(models, run_dir, prompts, config)
 
@@ -386,8 +403,14 @@ def run(config: Any, model: Any = None) -> dict[str, Any]:
   rows = improvement.round_table(config.label.arm, initial_row, states)
   summary = {"rounds": rows, "category_counts": prompts["category_counts"],
              "seconds": round(time.perf_counter() - start, 2), "output_dir": run_dir.path}
+  report = improvement.markdown_table(rows)
+  if sft_stage.enabled(config):
+    summary["sft"] = sft = run_dir.stage_info("sft")
+    loss = lambda key: "n/a" if sft.get(key) is None else f"{sft[key]:.3f}"
+    report += (f"\nRound 0 is {models.initial.name}: SFT on {sft['examples']} examples of {sft['data']}, "
+               f"{sft['steps']} steps, held-out loss {loss('loss_before')} -> {loss('loss_after')}.\n")
   run_dir.write_json("rounds.json", summary)
-  run_dir.write_text("rounds.md", improvement.markdown_table(rows))
+  run_dir.write_text("rounds.md", report)
   improvement.plot_rounds(rows, run_dir.file("rounds.png"))
   runtime.log(improvement.markdown_table(rows))
   return summary

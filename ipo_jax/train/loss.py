@@ -111,11 +111,16 @@ def token_logps(params: transformer.Params, cfg: ModelConfig, hidden: jax.Array,
 
 
 def sequence_logps(params: transformer.Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
-                   loss_mask: jax.Array, *, vocab_chunk: int = 8192, remat: bool = False) -> jax.Array:
-  """Sum of log p(token | previous tokens) over the tokens where `loss_mask` is set; inputs [..., T] -> [...]."""
+                   loss_mask: jax.Array, *, vocab_chunk: int = 8192, remat: bool = False,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
+  """Sum of log p(token | previous tokens) over the tokens where `loss_mask` is set; inputs [..., T] -> [...].
+  With `segment_ids` (packed rows, `transformer.forward`'s) they replace the attention mask."""
   lead, t = input_ids.shape[:-1], input_ids.shape[-1]
   flat = lambda x: x.reshape(-1, t)
-  hidden, _ = transformer.forward(params, cfg, flat(input_ids), flat(attention_mask), remat=remat)
+  if segment_ids is not None:
+    hidden, _ = transformer.forward(params, cfg, flat(input_ids), segment_ids=flat(segment_ids), remat=remat)
+  else:
+    hidden, _ = transformer.forward(params, cfg, flat(input_ids), flat(attention_mask), remat=remat)
   logps = token_logps(params, cfg, hidden[:, :-1], flat(input_ids)[:, 1:], vocab_chunk=vocab_chunk)
   mask = flat(loss_mask)[:, 1:].astype(jnp.float32)
   return (logps * mask).sum(-1).reshape(lead)

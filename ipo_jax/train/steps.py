@@ -25,6 +25,7 @@ from ipo_jax import sections, sharding
 from ipo_jax.model import transformer
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.train import loss as loss_lib, lora as lora_lib
+from ipo_jax.train import sft as sft_lib
 from ipo_jax.train.optimizer import OptimSpec, from_spec
 
 
@@ -40,22 +41,32 @@ class Settings:
   remat: bool = False
   vocab_chunk: int = 8192
   lora: lora_lib.LoraConfig | None = None
+  objective: str = "dpo"  # dpo | sft: the loss `loss_fn` takes (SFT leaves the DPO fields unused)
 
   @classmethod
-  def from_config(cls, config: Any) -> "Settings":
+  def for_sft(cls, config: Any, platform: str | None = None) -> "Settings":
+    """SFT's settings: the train and lora sections, objective "sft"."""
+    t = config.train
+    return sections.from_section(cls, t, objective="sft", lora=lora_lib.config_from(config.get("lora")),
+                                 compute_dtype=resolve_compute_dtype(t.compute_dtype, platform))
+
+  @classmethod
+  def from_config(cls, config: Any, platform: str | None = None) -> "Settings":
+    """From the dpo, train and lora sections; `platform` (the mesh's) decides `compute_dtype="auto"`."""
     d, t = config.dpo, config.train
     if d.reference not in ("precomputed", "on_the_fly"):
       raise ValueError(f"dpo.reference must be 'precomputed' or 'on_the_fly', got {d.reference!r}")
     if d.loss_type not in loss_lib.LOSS_TYPES:
       raise ValueError(f"dpo.loss_type {d.loss_type!r} is not one of {loss_lib.LOSS_TYPES}")
-    return sections.from_section(cls, {**d, **t}, compute_dtype=resolve_compute_dtype(t.compute_dtype),
+    return sections.from_section(cls, {**d, **t}, compute_dtype=resolve_compute_dtype(t.compute_dtype, platform),
                                  lora=lora_lib.config_from(config.get("lora")))
 
 
-def resolve_compute_dtype(name: str) -> str:
-  """"auto" is bfloat16 on accelerators and float32 on CPU."""
+def resolve_compute_dtype(name: str, platform: str | None = None) -> str:
+  """"auto" is bfloat16 on accelerators and float32 on CPU; `platform` is the mesh's (default:
+  `sharding.platform()`, the mesh set with `jax.set_mesh`, else the default device)."""
   if name == "auto":
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if (platform or sharding.platform()) == "cpu" else "bfloat16"
   if name not in ("float32", "bfloat16"):
     raise ValueError(f"train.compute_dtype must be auto, float32 or bfloat16, got {name!r}")
   return name
@@ -92,7 +103,11 @@ def policy_params(trainable: Any, frozen: Any, s: Settings, dropout_key: jax.Arr
 
 def loss_fn(trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array, *, s: Settings,
             cfg: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The DPO loss of one micro-batch of pairs (`ref_logps` [B, 2] in the batch, else the reference on the fly)."""
+  """The loss of one micro-batch: SFT's completion-only loss of [B, T] examples (`s.objective == "sft"`), else the
+  DPO loss of pairs (`ref_logps` [B, 2] in the batch, else the reference on the fly)."""
+  if s.objective == "sft":
+    return sft_lib.sft_loss(policy_params(trainable, frozen, s, key), cfg, batch, vocab_chunk=s.vocab_chunk,
+                            remat=s.remat)
   logps = loss_lib.pair_logps(policy_params(trainable, frozen, s, key), cfg, batch, vocab_chunk=s.vocab_chunk,
                               remat=s.remat)
   if "ref_logps" in batch:
@@ -237,3 +252,28 @@ def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer
                policy_logps=functools.partial(policy, s, cfg), base_logps=base_fn, final=functools.partial(final, s),
                checksum=jax.jit(checksum, in_shardings=(base_shards,), out_shardings=rep),
                state_shardings=state_shards, state_shapes=state_shapes)
+
+
+def uses_frozen(s: Settings) -> bool:
+  """Whether the steps take the base params as their frozen argument (LoRA, or the on-the-fly reference)."""
+  return s.lora is not None or s.reference == "on_the_fly"
+
+
+def train_lowerable(cfg: ModelConfig, s: Settings, opt: OptimSpec, mesh: jax.sharding.Mesh, dtype: Any, *,
+                    grad_accum: int, micro_batch: int, length: int) -> sharding.Lowerable:
+  """The train step of `build_steps` for base weights in `dtype` and an optimizer step of `grad_accum` micro-batches
+  of `micro_batch` pairs (SFT: examples), each sequence `length` tokens, with abstract arguments, to compile ahead of time for `mesh`
+  (any platform; `s.compute_dtype` as resolved for it)."""
+  base = sharding.abstract_params(cfg, dtype, mesh)
+  steps = build_steps(cfg, s, opt, base, uses_frozen(s), mesh)
+  state = sharding.abstract_tree(steps.state_shapes, steps.state_shardings)
+  accum = NamedSharding(mesh, P(None, sharding.BATCH))
+  rows = (grad_accum, micro_batch) + ((2,) if s.objective == "dpo" else ())  # SFT: one sequence per row
+  batch = {k: sharding.abstract(rows + (length,), jnp.int32, accum) for k in ("input_ids", "attention_mask", "loss_mask")}
+  if s.objective == "sft":
+    batch["weight"] = sharding.abstract((grad_accum, micro_batch), jnp.float32, accum)
+  elif s.reference == "precomputed":
+    batch["ref_logps"] = sharding.abstract((grad_accum, micro_batch, 2), jnp.float32, accum)
+  # steps.train binds (s, cfg, opt); lower the jitted function under it with the same arguments.
+  return sharding.Lowerable("dpo_step", steps.train.func, steps.train.args + (
+      state, base if uses_frozen(s) else None, batch), mesh)
