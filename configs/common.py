@@ -116,7 +116,7 @@ def instructions(path: str = "tatsu-lab/alpaca_eval", split: str = "eval", name:
 def scoring() -> ConfigDict:
   """The IPO classifier (ipo_jax/ipo): layout, instructions, answers, truncation and the shape planner."""
   return ConfigDict({
-      "layout": "paper",  # paper | chat | template
+      "layout": "paper",  # paper | chat | template | paper_rmbench (the question after the response)
       "template": "",  # for layout=template: a string with {instruction}, {prompt}, {response}
       "prompts_file": "",  # empty: the project's instructions (ipo_jax/ipo/prompts.py); a file or a source name
       # A subset unknown to RewardBench's taxonomy with no instruction of its own is an error; True scores it under

@@ -1,10 +1,16 @@
 """Supervised fine-tuning (SFT) of a policy on (instruction, response) examples, completion-only loss.
 
 Demo run on the embedded SmolLM2-135M-Instruct (32 AlpacaEval instruction/output examples for training, 8 held
-out, full fine-tuning, 8 steps of 4 examples, up to 256 tokens): 5 minutes of wall time (1.7 CPU-minutes) on 2
-AMD EPYC CPU cores shared with other jobs; the held-out loss goes from 1.650 to 1.534 nats per response token:
+out, full fine-tuning, 8 steps of 4 examples, up to 256 tokens): 96 s of training (about 2.5 minutes in all) on a
+2-core Intel Xeon; the held-out loss goes from 1.650 to 1.534 nats per response token:
 
   python -m ipo_jax.main --config configs/sft.py:demo
+
+The same examples packed into rows of 256 tokens (18 rows, 9 steps of 2 rows, one compiled shape): 73 s of
+training, held-out loss 1.650 -> 1.514:
+
+  python -m ipo_jax.main --config configs/sft.py:demo --config.sft.packing=True --config.train.max_steps=0 \
+      --config.train.batch_size=2
 
 Dolly (databricks/databricks-dolly-15k: instruction, context, response), from the hub:
 
