@@ -17,7 +17,8 @@ projection) and sft (an SFT step of train.batch_size examples of data.max_length
 Targets: `tpu:<v4|v5e|v5p|v6e>:<topology>` and `gpu:<h100|h200>x8[x<hosts>]` (ipo_jax/aot/targets.py lists the
 forms, the devices' figures and their sources). The TPU compiler comes with the dev install (libtpu); the host needs
 no accelerator. `--config.mesh.auto=True` compiles candidate (data, fsdp, tensor) meshes and reports the best that
-fits; a DPO program that does not fit is retried with remat, then with more micro-batches (`aot.escalate`).
+fits; a training step that does not fit is retried with remat (policy minimal, then full), then with more
+micro-batches (`aot.escalate`).
 Variants: `paper` (all four programs), `tiny` (Qwen2.5-0.5B shapes with short rows on a v5e 2x2, a fast check).
 
 Measured on a 2-core Intel Xeon host (AMX) shared with a test run: `:paper` for 8B on tpu:v5e:4x4 took 8 minutes
@@ -49,7 +50,7 @@ def get_config(arg=None):
       score_program="plain",  # plain | packed (packed_sequences scored per row)
       packed_sequences=4,
       prompt_length=512,  # sampling: prompt tokens per row
-      escalate=True,  # DPO: retry with remat, then more micro-batches, until the step fits
+      escalate=True,  # training steps: remat (minimal, then full), then more micro-batches, until it fits
       max_candidates=8,  # mesh.auto: candidate meshes per program
       largest_batch=False,  # also find the most rows each program fits (doubling, then bisection: ~2 log2 compiles)
       largest_batch_cap=4096,

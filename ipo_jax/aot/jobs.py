@@ -37,6 +37,7 @@ class Job:
   rows: int  # score: sequences; generate: prompts; dpo: pairs per optimizer step
   length: int  # tokens per sequence (generate: the prompt)
   remat: bool = False
+  remat_policy: str = "full"  # with remat (transformer.REMAT_POLICIES)
   grad_accum: int = 1
   new_tokens: int = 0  # generate: max_new_tokens
   samples: int = 1  # generate: num_samples
@@ -44,8 +45,12 @@ class Job:
   @property
   def key(self) -> str:
     d, f, t = self.mesh_shape
-    extra = f",remat={int(self.remat)},accum={self.grad_accum}" if self.program in TRAIN_PROGRAMS else ""
+    extra = f",remat={self.remat_label},accum={self.grad_accum}" if self.program in TRAIN_PROGRAMS else ""
     return f"{self.program}[{d}x{f}x{t}{extra},rows={self.rows}]"
+
+  @property
+  def remat_label(self) -> str:
+    return self.remat_policy if self.remat else "off"
 
   @property
   def tokens(self) -> int:
@@ -91,7 +96,7 @@ def dpo_settings(config: Any, job: Job, platform: str) -> steps.Settings:
   """The train step's settings for `platform`: DPO's (`dpo_lora`: the paper's LoRA), or SFT's for `sft`."""
   s = steps.Settings.for_sft(config, platform) if job.program == "sft" else steps.Settings.from_config(config, platform)
   lora = lora_lib.config_from(ml_collections.ConfigDict(PAPER_LORA)) if job.program == "dpo_lora" else s.lora
-  return dataclasses.replace(s, remat=job.remat, lora=lora)
+  return dataclasses.replace(s, remat=job.remat, remat_policy=job.remat_policy, lora=lora)
 
 
 def lowerable(config: Any, cfg: ModelConfig, job: Job, mesh: jax.sharding.Mesh) -> sharding.Lowerable:
@@ -121,7 +126,7 @@ def base_job(config: Any, program: str, mesh_shape: tuple[int, int, int]) -> Job
     raise ValueError(f"aot.programs: unknown program {program!r}; choose from {', '.join(PROGRAMS)}")
   t = config.train
   return Job(program, mesh_shape, round_rows(t.batch_size, mesh_shape, t.grad_accum), config.data.max_length,
-             remat=bool(t.remat), grad_accum=int(t.grad_accum))
+             remat=bool(t.remat), remat_policy=str(t.get("remat_policy", "full")), grad_accum=int(t.grad_accum))
 
 
 def candidate_meshes(num_devices: int, cfg: ModelConfig, limit: int = 8) -> list[tuple[int, int, int]]:
@@ -137,18 +142,22 @@ def candidate_meshes(num_devices: int, cfg: ModelConfig, limit: int = 8) -> list
 
 
 def escalations(job: Job, max_accum: int = 8) -> Iterator[Job]:
-  """A DPO job, then with remat, then with the optimizer step in 2, 4, ... micro-batches (remat on): the
-  settings tried in order until one fits. Other programs: the job alone."""
+  """A training job as configured, then with remat keeping the projections' outputs ("minimal"), then keeping only
+  each layer's inputs ("full"), then with the optimizer step in 2, 4, ... micro-batches (full remat): the settings
+  tried in order, each recomputing more (slower) than the one before, until one fits. Other programs: the job
+  alone."""
   yield job
   if job.program not in TRAIN_PROGRAMS:
     return
-  if not job.remat:
-    job = dataclasses.replace(job, remat=True)
+  ladder = ("dots", "minimal", "full")  # transformer.REMAT_POLICIES by how much they recompute
+  start = ladder.index(job.remat_policy) if job.remat else -1
+  for policy in ladder[max(start + 1, 1):]:  # ("dots" keeps attention scores: no help where memory is short)
+    job = dataclasses.replace(job, remat=True, remat_policy=policy)
     yield job
   d, f, _ = job.mesh_shape
   accum = job.grad_accum * 2
   while accum <= max_accum and job.rows % (accum * d * f) == 0:
-    yield dataclasses.replace(job, remat=True, grad_accum=accum)
+    yield dataclasses.replace(job, grad_accum=accum)
     accum *= 2
 
 

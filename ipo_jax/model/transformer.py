@@ -265,6 +265,22 @@ def _causal_mask(kv_valid: jax.Array, t: int, cache: Cache | None, segment_ids: 
   return causal
 
 
+# Rematerialisation policies of the layer scan (`forward(remat=...)`): what a layer keeps for the backward pass.
+REMAT_POLICIES = {
+    "full": "nothing_saveable",  # only the layer's inputs: everything else recomputed
+    "minimal": "dots_with_no_batch_dims_saveable",  # also the projections' outputs (attention recomputed)
+    "dots": "dots_saveable",  # every matmul's output, attention scores included
+}
+
+
+def remat_policy(remat: bool | str) -> Any:
+  """The `jax.checkpoint` policy of `remat`: True is "full", a name one of `REMAT_POLICIES`."""
+  name = "full" if remat is True else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {name!r} is not one of {tuple(REMAT_POLICIES)}")
+  return getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -274,7 +290,7 @@ def forward(
     *,
     segment_ids: jax.Array | None = None,
     branch_ids: jax.Array | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> tuple[jax.Array, Cache | None]:
   """Final hidden states [B, T, D] (after the final norm) and the updated cache (None without one).
 
@@ -282,6 +298,8 @@ def forward(
   1, 2, ... with 0 for padding; a token attends only within its own segment, and positions restart at each one.
   `branch_ids` [B, T] (with `segment_ids`): sequences that share a start packed as one segment, the start once
   (branch 0) then each sequence's own tokens (branches 1, 2, ...); a token attends to the start and its own branch.
+  `remat` (training): each layer recomputed in the backward pass, keeping what its policy keeps (True: "full"; or a
+  name of `REMAT_POLICIES`).
   """
   b, t = input_ids.shape
   if segment_ids is not None:
@@ -312,7 +330,7 @@ def forward(
     return (h, kv), None
 
   if remat:
-    body = jax.checkpoint(body, prevent_cse=False)
+    body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(remat))
   h = embed(params, cfg, input_ids)
   xs = (params["layers"], windows, is_sliding, jnp.arange(cfg.num_layers))
   kv = None if cache is None else (cache["k"], cache["v"])  # carried: each layer updates its slots in place

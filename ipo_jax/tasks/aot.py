@@ -105,8 +105,8 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def plan_program(config: Any, cfg: Any, program: str, target: Any, devices: list[Any], done: dict[str, Any],
                  run: RunDir) -> list[dict[str, Any]]:
-  """The rows of one program: the configured mesh, or (mesh.auto) each candidate mesh; DPO escalates remat then
-  micro-batches until it fits."""
+  """The rows of one program: the configured mesh, or (mesh.auto) each candidate mesh; a training step escalates
+  remat (minimal, full) then micro-batches until it fits (`jobs.escalations`)."""
   shapes = (jobs.candidate_meshes(target.num_devices, cfg, config.aot.max_candidates) if config.mesh.auto
             else [explicit_mesh(config, target.num_devices)])
   rows = []
@@ -156,7 +156,7 @@ def report_table(target: Any, cfg_name: str, rows: list[dict[str, Any]], best: d
                       if v.get("count"))
     lines.append("| " + " | ".join([
         j["program"] + (" (best)" if best.get(j["program"]) == r["key"] else ""), f"{d}×{f}×{t}",
-        f"{'on' if j['remat'] else 'off'} / {j['grad_accum']}" if dpo else "",
+        f"{j.get('remat_policy', 'full') if j['remat'] else 'off'} / {j['grad_accum']}" if dpo else "",
         f"{j['rows']} × {j['length']}"
         + (f" + {j['samples']}×{j['new_tokens']}" if j["program"] == "generate" else ""),
         f"{r.get('needed_bytes', 0) / GIB:.2f}" + (f" ({mem.get('argument', 0) / GIB:.2f} + "

@@ -111,7 +111,7 @@ def token_logps(params: transformer.Params, cfg: ModelConfig, hidden: jax.Array,
 
 
 def sequence_logps(params: transformer.Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
-                   loss_mask: jax.Array, *, vocab_chunk: int = 8192, remat: bool = False,
+                   loss_mask: jax.Array, *, vocab_chunk: int = 8192, remat: bool | str = False,
                    segment_ids: jax.Array | None = None) -> jax.Array:
   """Sum of log p(token | previous tokens) over the tokens where `loss_mask` is set; inputs [..., T] -> [...].
   With `segment_ids` (packed rows, `transformer.forward`'s) they replace the attention mask."""
@@ -127,7 +127,7 @@ def sequence_logps(params: transformer.Params, cfg: ModelConfig, input_ids: jax.
 
 
 def pair_logps(params: transformer.Params, cfg: ModelConfig, batch: dict[str, Any], *, vocab_chunk: int = 8192,
-               remat: bool = False) -> jax.Array:
+               remat: bool | str = False) -> jax.Array:
   """[B, 2] summed response log-probs of (chosen, rejected), both in one forward of 2B rows."""
   return sequence_logps(params, cfg, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                         vocab_chunk=vocab_chunk, remat=remat)

@@ -281,7 +281,7 @@ def step_weights(batch: dict[str, np.ndarray], grad_accum: int) -> np.ndarray:
 
 
 def sft_loss(params: transformer.Params, cfg: ModelConfig, batch: dict[str, jax.Array], *, vocab_chunk: int = 8192,
-             remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+             remat: bool | str = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted negative log-likelihood of one micro-batch (`weight` [B] from `step_weights`) and its metrics."""
   logps = loss_lib.sequence_logps(params, cfg, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                   vocab_chunk=vocab_chunk, remat=remat, segment_ids=batch.get("segment_ids"))

@@ -39,6 +39,7 @@ class Settings:
   reference: str = "precomputed"  # precomputed | on_the_fly
   compute_dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "full"  # with remat: what each layer keeps (transformer.REMAT_POLICIES)
   vocab_chunk: int = 8192
   lora: lora_lib.LoraConfig | None = None
   objective: str = "dpo"  # dpo | sft: the loss `loss_fn` takes (SFT leaves the DPO fields unused)
@@ -60,6 +61,10 @@ class Settings:
       raise ValueError(f"dpo.loss_type {d.loss_type!r} is not one of {loss_lib.LOSS_TYPES}")
     return sections.from_section(cls, {**d, **t}, compute_dtype=resolve_compute_dtype(t.compute_dtype, platform),
                                  lora=lora_lib.config_from(config.get("lora")))
+
+  def __post_init__(self):
+    if self.remat_policy not in transformer.REMAT_POLICIES:
+      raise ValueError(f"train.remat_policy {self.remat_policy!r} is not one of {tuple(transformer.REMAT_POLICIES)}")
 
 
 def resolve_compute_dtype(name: str, platform: str | None = None) -> str:
@@ -107,9 +112,9 @@ def loss_fn(trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.A
   DPO loss of pairs (`ref_logps` [B, 2] in the batch, else the reference on the fly)."""
   if s.objective == "sft":
     return sft_lib.sft_loss(policy_params(trainable, frozen, s, key), cfg, batch, vocab_chunk=s.vocab_chunk,
-                            remat=s.remat)
+                            remat=s.remat and s.remat_policy)
   logps = loss_lib.pair_logps(policy_params(trainable, frozen, s, key), cfg, batch, vocab_chunk=s.vocab_chunk,
-                              remat=s.remat)
+                              remat=s.remat and s.remat_policy)
   if "ref_logps" in batch:
     ref = batch["ref_logps"]
   else:  # on the fly: the base (LoRA) or the frozen initial policy

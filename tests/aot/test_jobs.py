@@ -46,8 +46,11 @@ def test_candidate_meshes_and_escalations():
   assert jobs.candidate_meshes(16, TINY) == [(1, 16, 1), (2, 8, 1), (1, 8, 2), (2, 4, 2), (1, 4, 4), (2, 2, 4),
                                              (1, 2, 8), (2, 1, 8)]
   assert jobs.round_rows(10, (2, 4, 1)) == 16 and jobs.round_rows(16, (1, 4, 1), grad_accum=2) == 16
-  tried = [(j.remat, j.grad_accum) for j in jobs.escalations(jobs.Job("dpo", (1, 4, 1), 16, 128))]
-  assert tried == [(False, 1), (True, 1), (True, 2), (True, 4)]
+  tried = [(j.remat_label, j.grad_accum) for j in jobs.escalations(jobs.Job("dpo", (1, 4, 1), 16, 128))]
+  assert tried == [("off", 1), ("minimal", 1), ("full", 1), ("full", 2), ("full", 4)]
+  minimal = jobs.Job("dpo", (1, 4, 1), 16, 128, remat=True, remat_policy="minimal")
+  assert [j.key for j in jobs.escalations(minimal)][:2] == ["dpo[1x4x1,remat=minimal,accum=1,rows=16]",
+                                                             "dpo[1x4x1,remat=full,accum=1,rows=16]"]
   assert [j.key for j in jobs.escalations(jobs.Job("score", (1, 4, 1), 16, 128))] == ["score[1x4x1,rows=16]"]
 
 
@@ -161,11 +164,11 @@ def test_sft_step_compiles_with_the_dpo_steps_state_and_one_sequence_per_row(v5e
       "optim": dict(learning_rate=1e-6, schedule="cosine", warmup_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
                     eps=1e-8, max_grad_norm=1.0)})
   job = jobs.Job("sft", (1, 4, 1), rows=4, length=128)
-  assert job.tokens == 4 * 128 and "remat=0" in job.key
+  assert job.tokens == 4 * 128 and "remat=off" in job.key
   assert jobs.model_flops(TINY, job) == pytest.approx(jobs.model_flops(TINY, dataclasses.replace(job, program="dpo")) / 2)
   mesh = jobs.mesh_for(job, devices)
   settings = jobs.dpo_settings(config, job, sharding.platform(mesh))
   assert settings.objective == "sft" and settings.compute_dtype == "bfloat16"
   analysis = _compile(jobs.lowerable(config, TINY, job, mesh), target)
   assert analysis.memory["argument"] == pytest.approx(12 * jobs.parameter_count(TINY) / 4, rel=0.05)
-  assert [j.remat for j in jobs.escalations(job)][:2] == [False, True]
+  assert [j.remat_label for j in jobs.escalations(job)][:3] == ["off", "minimal", "full"]

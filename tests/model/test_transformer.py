@@ -137,3 +137,23 @@ def test_branches_continue_a_shared_start(params, monkeypatch):
     np.testing.assert_allclose(packed[rows], alone, atol=1e-5)
   with pytest.raises(ValueError, match="branch_ids need segment_ids"):
     transformer.forward(params, CFG, jnp.asarray(ids), branch_ids=jnp.asarray(branches))
+
+
+def test_remat_policies_give_the_same_gradients_and_keep_less_in_turn(params, monkeypatch):
+  """Every policy's gradients equal the plain backward pass; the residuals kept for it shrink from no remat to
+  "dots" (every matmul output) to "minimal" (projections only) to "full" (layer inputs only). On the accelerators'
+  attention path: the CPU path's attention matmuls are 2D GEMMs, which "minimal" keeps too."""
+  monkeypatch.setattr(transformer, "platform", lambda: "gpu")
+  ids = jnp.array([[3, 14, 15, 9, 26, 5, 35, 8], [2, 7, 1, 8, 2, 8, 18, 28]])
+  loss = lambda p, remat: transformer.forward(p, CFG, ids, remat=remat)[0].astype(jnp.float32).var()
+  want = jax.grad(loss)(params, False)
+  kept = {}
+  for remat in (False, *transformer.REMAT_POLICIES):
+    got = jax.grad(loss)(params, remat)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    _, backward = jax.vjp(lambda p: loss(p, remat), params)  # its leaves: what the forward kept for the backward
+    kept[remat] = sum(x.size for x in jax.tree.leaves(backward))
+  assert kept[False] > kept["dots"] > kept["minimal"] > kept["full"], kept
+  with pytest.raises(ValueError, match="remat policy 'some' is not one of"):
+    transformer.forward(params, CFG, ids, remat="some")
