@@ -173,11 +173,12 @@ def real_tpu_host() -> bool:
 
 
 def quiet_plugins() -> None:
-  """Call before JAX first initialises (Target.devices() does): on a host without TPU, name a small slice and this
-  host so libtpu prints no initialisation errors, and let several processes load it (never on a TPU host or over
-  the user's values); on a host without an NVIDIA GPU, skip the CUDA plugin's driver check (it would print an error
+  """Call before JAX first initialises (Target.devices() does): where libtpu is installed on a host without TPU,
+  name a small slice and this host so libtpu prints no initialisation errors, and let several processes load it
+  (never on a TPU host or over the user's values); on a host without an NVIDIA GPU, skip the CUDA plugin's driver check (it would print an error
   and leave the plugin unregistered). JAX itself keeps running on the CPU."""
-  if not (real_tpu_host() or "TPU_ACCELERATOR_TYPE" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ):
+  if libtpu_missing() is None and not (real_tpu_host() or "TPU_ACCELERATOR_TYPE" in os.environ
+                                      or "TPU_WORKER_HOSTNAMES" in os.environ):
     os.environ["TPU_ACCELERATOR_TYPE"] = "v5litepod-4"
     os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

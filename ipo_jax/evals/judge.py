@@ -18,13 +18,13 @@ rewardbench_self_reward.py.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ipo_jax import data as data_lib, sections
+from ipo_jax.evals import rewardbench
 from ipo_jax.ipo import layout as layout_lib
 from ipo_jax.sample import engine
 
@@ -165,12 +165,6 @@ def judge_scores(model: Any, instructions: Sequence[str], responses: Sequence[st
 # RewardBench.
 
 
-def _item_index(pair: Mapping[str, Any], side: str) -> int:
-  """A stable sampling index for one response of a pair (independent of which pairs are selected)."""
-  digest = hashlib.sha256(f"{pair['subset']}/{pair['id']}/{side}".encode()).digest()
-  return int.from_bytes(digest[:4], "little") >> 1
-
-
 def score_pair(row: dict[str, Any], unparsable_score: float) -> dict[str, Any]:
   """Scores, correctness and tie of a pair row with this unparsable value (ties are wrong)."""
   chosen, rejected = (unparsable_score if row[f"parsed_{s}"] is None else row[f"parsed_{s}"]
@@ -186,7 +180,7 @@ def judge_pairs(model: Any, pairs: Sequence[Mapping[str, Any]], settings: JudgeS
   items = [(p, side) for p in pairs for side in sides]
   waiting: dict[int, dict[str, Judgement]] = {}
   stream = stream_judgements(model, [p["prompt"] for p, _ in items], [p[side] for p, side in items], settings, key,
-                             indices=[_item_index(p, side) for p, side in items], progress=progress)
+                             indices=[rewardbench.item_index(p, side) for p, side in items], progress=progress)
   for pos, judgement in stream:
     pair, side = items[pos]
     got = waiting.setdefault(pos // 2, {})

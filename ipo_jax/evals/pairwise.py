@@ -20,7 +20,6 @@ is ipo_jax/tasks/rewardbench_pairwise.py.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -161,12 +160,6 @@ def encode(tokenizer: Any, settings: PairwiseSettings, instruction: str, respons
 # RewardBench.
 
 
-def _item_index(pair: Mapping[str, Any], order: str) -> int:
-  """A stable sampling index for one order of a pair (independent of which pairs are selected)."""
-  digest = hashlib.sha256(f"{pair['subset']}/{pair['id']}/{order}".encode()).digest()
-  return int.from_bytes(digest[:4], "little") >> 1
-
-
 def pick(verdict: int | None, order: str) -> str | None:
   """Which response of the pair a verdict names: "chosen", "rejected" or None (unparsable)."""
   if verdict is None:
@@ -193,7 +186,7 @@ def judge_pairs(model: Any, pairs: Sequence[Mapping[str, Any]], settings: Pairwi
                                                               (p["rejected"], p["chosen"]))) for p, o in items]
   waiting: dict[int, dict[str, Any]] = {}
   stream = engine.stream(model, [ids for ids, _ in encoded], settings.sampling, key,
-                         indices=[_item_index(p, o) for p, o in items], batch_size=settings.batch_size,
+                         indices=[rewardbench.item_index(p, o) for p, o in items], batch_size=settings.batch_size,
                          max_prompt_tokens=settings.max_prompt_tokens, progress=progress, desc="pairwise judge")
   for pos, (gen,) in stream:
     pair, order = items[pos]

@@ -43,6 +43,13 @@ def pair_key(row: Mapping[str, Any]) -> tuple[str, str]:
   return str(row["subset"]), str(row["id"])
 
 
+def item_index(pair: Mapping[str, Any], part: str) -> int:
+  """A stable sampling index for one part of a pair (a side or an order a judge reads it in), independent of
+  which pairs are selected: generative judges seed each generation with it."""
+  digest = hashlib.sha256(f"{pair['subset']}/{pair['id']}/{part}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") >> 1
+
+
 def _read(data_cfg: Any) -> tuple[list[dict[str, Any]], str]:
   path, split = data_cfg.get("path", "") or DEFAULT_HUB_ID, data_cfg.get("split", "filtered")
   if split not in SPLITS:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ipo_jax import runtime
 from ipo_jax.aot import hlo, jobs, targets
-from ipo_jax.model import loading, presets
+from ipo_jax.model import loading
 from ipo_jax.rundir import RunDir
 
 ROWS_FILE = "programs.jsonl"
@@ -26,10 +26,8 @@ GIB = 2.0**30
 
 
 def model_config(config: Any):
-  path = config.model.path
-  if presets.is_preset(path):
-    return presets.model_config(path)
-  return loading.model_config(path, allow_hub=bool(config.model.get("allow_hub", False)))
+  """The architecture of `config.model` (a preset, a path or a hub id), without its weights."""
+  return loading.model_config(config.model.path, allow_hub=bool(config.model.get("allow_hub", False)))
 
 
 def identity(config: Any) -> dict[str, Any]:
@@ -93,9 +91,9 @@ def _row(config, cfg, job, target, devices, done, run) -> dict[str, Any]:
 def largest_batch(config, cfg, row, target, devices, done, run) -> int:
   """The most rows (prompts, sequences or pairs per step) the job of `row` fits with, on its mesh and settings."""
   job = jobs.Job(**{**row["job"], "mesh_shape": tuple(row["job"]["mesh_shape"])})
-  d, f, _ = job.mesh_shape
   fits = lambda rows: bool(_row(config, cfg, dataclasses.replace(job, rows=rows), target, devices, done, run)["fits"])
-  return jobs.largest_fitting(fits, d * f * job.grad_accum, int(config.aot.largest_batch_cap))
+  return jobs.largest_fitting(fits, jobs.round_rows(1, job.mesh_shape, job.grad_accum),
+                              int(config.aot.largest_batch_cap))
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -48,9 +48,9 @@ def describe(model) -> dict[str, Any]:
   }
 
 
-def describe_preset(path: str, dtype: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """`describe` for `preset:<name>` from the shapes alone: the sharding each parameter would get on `mesh`."""
-  cfg = presets.model_config(path)
+def describe_preset(path: str, cfg: Any, dtype: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """`describe` for `preset:<name>` (architecture `cfg`) from the shapes alone: the sharding each parameter would
+  get on `mesh`."""
   dtype_name = np.dtype(dtype).name
   params = {p: {"shape": list(shape), "dtype": dtype_name, "spec": str(sharding.spec_for(p, shape, mesh))}
             for p, shape in params_lib.flat_shapes(cfg).items()}
@@ -94,8 +94,9 @@ def _log_description(info: dict[str, Any], cfg: Any, dtype: Any) -> None:
 def run(config) -> dict[str, Any]:
   if presets.is_preset(config.model.path):
     dtype = loading.DTYPES[config.model.get("dtype", "float32")]
-    info = describe_preset(config.model.path, dtype, runtime.mesh_from_config(config))
-    _log_description(info, presets.model_config(config.model.path), dtype)
+    cfg = presets.model_config(config.model.path)
+    info = describe_preset(config.model.path, cfg, dtype, runtime.mesh_from_config(config))
+    _log_description(info, cfg, dtype)
     runtime.log(f"next tokens  none: {presets.no_tokenizer_message(config.model.path)}")
     info["top_next_tokens"] = []
     return info

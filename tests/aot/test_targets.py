@@ -85,6 +85,10 @@ def test_quiet_plugins_leaves_user_values_and_accelerator_hosts(monkeypatch):
   assert "TPU_ACCELERATOR_TYPE" not in targets.os.environ
   monkeypatch.setattr(targets, "real_tpu_host", lambda: False)
   monkeypatch.setattr(targets, "real_gpu_host", lambda: False)
+  monkeypatch.setattr(targets, "libtpu_missing", lambda: "no libtpu")  # nothing to quiet: no TPU variables
+  targets.quiet_plugins()
+  assert "TPU_ACCELERATOR_TYPE" not in targets.os.environ
+  monkeypatch.setattr(targets, "libtpu_missing", lambda: None)
   targets.quiet_plugins()
   assert targets.os.environ["TPU_ACCELERATOR_TYPE"] == "v5litepod-4"
   assert targets.os.environ["TPU_WORKER_HOSTNAMES"] == "localhost"
