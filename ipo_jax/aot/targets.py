@@ -115,6 +115,10 @@ class Target:
     for key, value in fields.items():
       object.__setattr__(self, key, value)
 
+  def unavailable(self) -> str | None:
+    """Why this host cannot compile for the target (the compiler it needs is not installed), or None."""
+    return libtpu_missing() if self.platform == "tpu" else cuda_plugin_missing()
+
   def devices(self) -> list[Any]:
     """The abstract devices of this target, in the order libtpu / the CUDA plugin lists them."""
     return list(_devices(self.platform, self.chip, self.topology, self.slices))

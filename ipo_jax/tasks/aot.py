@@ -175,6 +175,9 @@ def run(config: Any) -> dict[str, Any]:
   names = programs_of(config)
   if not config.mesh.auto:
     explicit_mesh(config, target.num_devices)  # refused before the run directory is opened
+  why = target.unavailable()
+  if why:
+    raise ValueError(f"target={config.target}: {why}")
   run_dir = RunDir.open(config.output_dir, "aot", identity(config), overwrite=bool(config.get("overwrite", False)))
   devices = target.devices()
   done = {r["key"]: r for r in run_dir.rows(ROWS_FILE)}

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from ipo_jax import main as main_lib
+from ipo_jax.aot import targets
 from ipo_jax.tasks import aot as aot_task
 from tests import conftest
 
@@ -79,3 +80,14 @@ def test_bad_settings_are_one_line(tiny_dir, tmp_path, capsys):
       main_lib.main(_argv(tiny_dir, str(tmp_path / "bad"), *extra))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
+
+
+def test_a_target_whose_compiler_is_not_installed_is_one_line_before_anything_is_written(tiny_dir, tmp_path, capsys,
+                                                                                         monkeypatch):
+  monkeypatch.setattr(targets, "libtpu_missing", lambda: "TPU targets need libtpu: `make setup-dev`")
+  out = tmp_path / "no_libtpu"
+  with pytest.raises(SystemExit) as e:
+    main_lib.main(_argv(tiny_dir, str(out)))
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err == "error: target=tpu:v5e:2x2: TPU targets need libtpu: `make setup-dev`\n", err
+  assert not out.exists() or not any(out.iterdir())
