@@ -46,7 +46,7 @@ def test_logical_axes_of_activations_and_cache():
   assert sharding.logical_spec(transformer.HIDDEN) == P(("data", "fsdp"), None, None)
   assert sharding.logical_spec(transformer.QUERIES) == P(("data", "fsdp"), None, "tensor", None)
   assert sharding.logical_spec(transformer.MLP_HIDDEN) == P(("data", "fsdp"), None, "tensor")
-  assert sharding.logical_spec(transformer.CACHE_AXES["k"]) == P(None, ("data", "fsdp"), None, "tensor", None)
+  assert sharding.logical_spec(transformer.CACHE_AXES["k"]) == P(None, ("data", "fsdp"), "tensor", None, None)
   assert sharding.logical_spec(("vocab", None)) == P("tensor", None)
   with pytest.raises(ValueError, match="unknown logical axes"):
     sharding.logical_spec(("batch", "hidden"))

@@ -7,7 +7,12 @@ Each implementation runs in its own process (so peak RSS is its own) on the same
 one batch: sampled (temperature 0.7, top-p 0.9, N samples per prompt) and greedy (one sample). Throughput counts
 generated tokens (up to and including the EOS) per second of wall time; for ipo_jax the compilation time (from
 JAX's compile events) is reported apart and left out. Sampled runs draw different tokens in the two libraries, so
-compare tokens/s, not seconds.
+compare tokens/s, not seconds. `--dtype bfloat16` runs both in bf16 (ipo_jax accumulates in fp32).
+
+The weight-streaming bound: every decode step reads all the weights once, so a step cannot take less than
+(bytes of weights) / (memory bandwidth), the bandwidth measured in the same process (the best of a few jitted
+sums over a 512 MiB array). The bench prints ipo_jax's decode steps per second of that bound's rate: the
+fraction of the bound reached (prefill included in the time).
 
 Results on an otherwise idle 2-core CPU (SmolLM2-135M-Instruct fp32, `--prompts 8 --max-new-tokens 128`):
 sampled (32 rows) 92.3 vs 78.8 tokens/s (1.17x), greedy (8 rows) 63.1 vs 69.2 tokens/s (0.91x); the 3x target is
@@ -38,6 +43,21 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+  """Bytes per second a jitted sum reads from memory on this machine now (the best of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+  data = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(data).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    total(data).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return data.nbytes / best
+
+
 def run_jax(args) -> dict:
   import jax
   from ipo_jax.model import loading
@@ -45,7 +65,9 @@ def run_jax(args) -> dict:
   compile_s = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda name, secs, **_: compile_s.append(secs) if name.endswith("backend_compile_duration") else None)
-  model = loading.load_model(args.model)
+  model = loading.load_model(args.model, dtype=args.dtype)
+  weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
+  bandwidth = read_bandwidth()
   prompts = _prompts(model.tokenizer, args.prompts)
   results = {}
   for mode, settings in MODES.items():
@@ -56,9 +78,12 @@ def run_jax(args) -> dict:
     out = engine.generate(model, prompts, sampling, 0, batch_size=len(prompts), progress=False)
     seconds = time.perf_counter() - start - sum(compile_s)
     tokens = sum(len(g.token_ids) for gens in out for g in gens)
+    steps = max(len(g.token_ids) for gens in out for g in gens)  # one batch: the loop runs until its longest row ends
     results[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                     "compile_s": sum(compile_s)}
+                     "compile_s": sum(compile_s), "steps": steps, "step_ms": seconds / steps * 1e3,
+                     "bound_fraction": steps * weight_bytes / bandwidth / seconds}
   results["compilations"] = engine.num_compilations()
+  results["weight_bytes"], results["bandwidth"] = weight_bytes, bandwidth
   results["peak_rss_gb"] = _peak_rss_gb()
   return results
 
@@ -71,7 +96,7 @@ def run_hf(args) -> dict:
   kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
   directory = os.path.dirname(path) if path.endswith(".gguf") else path
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, args.dtype), **kwargs).eval()
   tokenizer.padding_side = "left"
   batch = tokenizer(_prompts(tokenizer, args.prompts), return_tensors="pt", padding=True, add_special_tokens=False)
   eos = model.generation_config.eos_token_id
@@ -102,6 +127,7 @@ def main() -> None:
   parser.add_argument("--prompts", type=int, default=16)
   parser.add_argument("--samples", type=int, default=4)
   parser.add_argument("--max-new-tokens", type=int, default=256)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both libraries' weights")
   parser.add_argument("--only", choices=("jax", "hf"), help="run one implementation in this process")
   parser.add_argument("--out", help="also write the results as JSON here")
   args = parser.parse_args()
@@ -116,13 +142,17 @@ def main() -> None:
     if proc.returncode:
       sys.exit(f"{impl} run failed:\n{proc.stderr[-4000:]}")
     results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-  lines = ["| mode | ipo_jax tok/s | HF tok/s | ratio | ipo_jax tokens / s | HF tokens / s |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| mode | ipo_jax tok/s | HF tok/s | ratio | ipo_jax tokens / s | HF tokens / s | ipo_jax ms/step | "
+           "of the weight-streaming bound |", "|---|---|---|---|---|---|---|---|"]
   for mode in MODES:
     j, h = results["jax"][mode], results["hf"][mode]
     results[f"{mode}_ratio"] = j["tokens_per_s"] / h["tokens_per_s"]
     lines.append(f"| {mode} | {j['tokens_per_s']:.1f} | {h['tokens_per_s']:.1f} | {results[f'{mode}_ratio']:.2f}x | "
-                 f"{j['tokens']} / {j['seconds']:.1f} | {h['tokens']} / {h['seconds']:.1f} |")
+                 f"{j['tokens']} / {j['seconds']:.1f} | {h['tokens']} / {h['seconds']:.1f} | {j['step_ms']:.1f} | "
+                 f"{j['bound_fraction']:.0%} |")
+  lines.append(f"\n{args.dtype}; weights {results['jax']['weight_bytes'] / 1e6:.0f} MB, measured read bandwidth "
+               f"{results['jax']['bandwidth'] / 1e9:.1f} GB/s: the bound is "
+               f"{results['jax']['weight_bytes'] / results['jax']['bandwidth'] * 1e3:.1f} ms per decode step")
   lines.append(f"\nipo_jax: {results['jax']['compilations']} compilations "
                f"(sampled {results['jax']['sampled']['compile_s']:.1f} s, greedy "
                f"{results['jax']['greedy']['compile_s']:.1f} s), peak RSS {results['jax']['peak_rss_gb']:.2f} GB; "

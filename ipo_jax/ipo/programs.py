@@ -59,16 +59,16 @@ def _prefill(cfg, params, ids, mask):
 def _gather_rows(cache: transformer.Cache, rows: jax.Array, extra_slots: int) -> transformer.Cache:
   """The cache of `rows` (indices into its batch) with `extra_slots` empty slots appended."""
 
-  def take(x, batch_axis):
+  def take(x, batch_axis, slot_axis):
     x = jnp.take(x, rows, axis=batch_axis)
     pad = [(0, 0)] * x.ndim
-    pad[batch_axis + 1] = (0, extra_slots)
+    pad[slot_axis] = (0, extra_slots)
     return jnp.pad(x, pad)
 
   return {
-      "k": sharding.constrain(take(cache["k"], 1), transformer.CACHE_AXES["k"]),
-      "v": sharding.constrain(take(cache["v"], 1), transformer.CACHE_AXES["v"]),
-      "valid": take(cache["valid"], 0), "pos": take(cache["pos"], 0),
+      "k": sharding.constrain(take(cache["k"], 1, 3), transformer.CACHE_AXES["k"]),
+      "v": sharding.constrain(take(cache["v"], 1, 3), transformer.CACHE_AXES["v"]),
+      "valid": take(cache["valid"], 0, 1), "pos": take(cache["pos"], 0, 1),
       "next_pos": jnp.take(cache["next_pos"], rows), "length": cache["length"],
   }
 
@@ -102,7 +102,7 @@ def cache_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, Name
   tensor = mesh.shape["tensor"]
   heads = "tensor" if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
   named = lambda *spec: NamedSharding(mesh, P(*spec))
-  kv = named(None, sharding.BATCH, None, heads, None)
+  kv = named(None, sharding.BATCH, heads, None, None)
   return {"k": kv, "v": kv, "valid": named(sharding.BATCH, None), "pos": named(sharding.BATCH, None),
           "next_pos": named(sharding.BATCH), "length": named()}
 

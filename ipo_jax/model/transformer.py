@@ -35,7 +35,7 @@ QUERY_BLOCK = 128  # queries per attention block in cache-less calls
 HIDDEN = ("batch", "length", "embed")  # the residual stream [B, T, D]
 QUERIES = ("batch", "length", "heads", "head_dim")
 MLP_HIDDEN = ("batch", "length", "mlp")
-KV = ("layers", "batch", "length", "kv_heads", "head_dim")
+KV = ("layers", "batch", "kv_heads", "length", "head_dim")  # heads-major: attention reads it without a transpose
 CACHE_AXES = {"k": KV, "v": KV, "valid": ("batch", "length"), "pos": ("batch", "length"), "next_pos": ("batch",),
               "length": ()}
 
@@ -121,8 +121,8 @@ def segment_positions(segment_ids: jax.Array, branch_ids: jax.Array | None = Non
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-  """An empty cache of `max_len` slots per row: k, v [L, B, S, Hkv, Dh]; valid, pos [B, S]; next_pos [B]; length."""
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  """An empty cache of `max_len` slots per row: k, v [L, B, Hkv, S, Dh]; valid, pos [B, S]; next_pos [B]; length."""
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   cache = {
       "k": jnp.zeros(shape, dtype),
       "v": jnp.zeros(shape, dtype),
@@ -154,7 +154,7 @@ def _attend(cfg: ModelConfig, q, k, v, mask):
 
 
 def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
-  """q [B,T,H,Dh]; k, v [B,S,Hkv,Dh]; mask [B,T,S] -> [B,T,H*Dh]; or one row of each, without the B axis.
+  """q [B,T,H,Dh]; k, v [B,Hkv,S,Dh]; mask [B,T,S] -> [B,T,H*Dh]; or one row of each, without the B axis.
 
   `causal_blocks` (a cache-less call, S = T, the mask causal): each block of QUERY_BLOCK queries is computed only
   against the keys up to its end, which skips the upper triangle's blocks (the same result; about half the
@@ -167,7 +167,7 @@ def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
   if causal_blocks and not one_row and platform() == "cpu":
     return jax.lax.map(lambda row: _attention(cfg, *row, causal_blocks=True), (q, k, v, mask))
   if causal_blocks and q.shape[-3] > QUERY_BLOCK:
-    blocks = [_attention(cfg, q[..., a:e, :, :], k[..., :e, :, :], v[..., :e, :, :], mask[..., a:e, :e])
+    blocks = [_attention(cfg, q[..., a:e, :, :], k[..., :e, :], v[..., :e, :], mask[..., a:e, :e])
               for a, e in query_blocks(q.shape[-3])]
     return jnp.concatenate(blocks, axis=-2)
   *_, t, h, dh = q.shape
@@ -175,13 +175,13 @@ def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
   groups = h // kv_heads
   if one_row:
     q, mask = q.reshape(t, kv_heads, groups, dh), jnp.repeat(mask, groups, axis=0)
-    heads = [_attend(cfg, q[:, j].reshape(t * groups, dh), k[:, j], v[:, j], mask).reshape(t, groups * dh)
+    heads = [_attend(cfg, q[:, j].reshape(t * groups, dh), k[j], v[j], mask).reshape(t, groups * dh)
              for j in range(kv_heads)]
     return jnp.concatenate(heads, axis=-1)
   b = q.shape[0]
   q = q.reshape(b, t, kv_heads, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * groups, dh)
   mask = jnp.repeat(mask, groups, axis=1)[:, None]
-  out = _attend(cfg, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+  out = _attend(cfg, q, k, v, mask)
   return out.reshape(b, kv_heads, t, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
 
 
@@ -204,10 +204,11 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
   cos, sin = jnp.where(is_sliding, cos_s, cos_f), jnp.where(is_sliding, sin_s, sin_f)
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   q = constrain(q, QUERIES)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh], the cache's layout
   if cache_kv is not None:  # the stacked cache of every layer: write this layer's new slots in place
     ck, cv, start, layer = cache_kv
-    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, start, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, start, 0, 0))
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, 0, start, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, 0, start, 0))
     k, v = ck[layer], cv[layer]
   attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window), causal_blocks=cache_kv is None)
   attn = _dense(attn, p["o"], "bte,ed->btd")

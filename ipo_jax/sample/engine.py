@@ -153,13 +153,45 @@ class _DecodeSpec:
                tuple(sorted(set(sampling.stop_token_ids) - set(eos_ids))))
 
 
+_DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF draw
+
+
+def _first_above(cumulative: jax.Array, target: jax.Array) -> jax.Array:
+  """Per row, the first index whose running total exceeds `target` [rows, 1]; where rounding leaves none, the last
+  index that adds mass. An index that adds nothing never exceeds first, so zero-probability entries are never
+  chosen."""
+  n = cumulative.shape[-1]
+  above = jnp.argmax(cumulative > target, axis=-1)
+  adds = jnp.diff(cumulative, axis=-1, prepend=jnp.zeros_like(cumulative[..., :1])) > 0
+  last_adding = n - 1 - jnp.argmax(adds[..., ::-1], axis=-1)
+  return jnp.where(jnp.any(cumulative > target, axis=-1), above, last_adding)
+
+
+def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
+  """One index per row of `probs` [rows, V] (non-negative, not necessarily normalised), each from its row's key.
+
+  Inverse CDF with one uniform per row, in two levels: the block of _DRAW_BLOCK entries whose running mass crosses
+  it, then the entry within that block. It reads the probabilities about twice, where a Gumbel-max draw
+  (`jax.random.categorical`) generates V random numbers per row and step."""
+  rows, v = probs.shape
+  blocks = -(-v // _DRAW_BLOCK)
+  probs = jnp.pad(probs, ((0, 0), (0, blocks * _DRAW_BLOCK - v))).reshape(rows, blocks, _DRAW_BLOCK)
+  block_mass = probs.sum(-1)
+  block_cum = jnp.cumsum(block_mass, axis=-1)
+  target = jax.vmap(jax.random.uniform)(keys)[:, None] * block_cum[:, -1:]
+  block = _first_above(block_cum, target)
+  within = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]
+  before = jnp.take_along_axis(block_cum - block_mass, block[:, None], axis=1)
+  return (block * _DRAW_BLOCK + _first_above(jnp.cumsum(within, axis=-1), target - before)).astype(jnp.int32)
+
+
 def _next_tokens(logits, keys, spec: _DecodeSpec, temperature, top_p, min_p) -> jax.Array:
   """[rows, V] fp32 logits -> [rows] ids: argmax, or a draw from the filtered softmax with each row's key."""
   if spec.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / temperature, spec.top_k, top_p if spec.top_p else None,
                          min_p if spec.min_p else None)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+  return draw(jax.nn.softmax(logits, axis=-1), keys)
 
 
 def _any_of(tokens: jax.Array, ids: tuple[int, ...]) -> jax.Array:
@@ -180,8 +212,8 @@ def _grow_cache(cache: transformer.Cache, slots: int) -> transformer.Cache:
   def grow(x, axis):
     return jnp.pad(x, [(0, slots - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
 
-  return dict(cache, k=sharding.constrain(grow(cache["k"], 2), transformer.CACHE_AXES["k"]),
-              v=sharding.constrain(grow(cache["v"], 2), transformer.CACHE_AXES["v"]), valid=grow(cache["valid"], 1),
+  return dict(cache, k=sharding.constrain(grow(cache["k"], 3), transformer.CACHE_AXES["k"]),
+              v=sharding.constrain(grow(cache["v"], 3), transformer.CACHE_AXES["v"]), valid=grow(cache["valid"], 1),
               pos=grow(cache["pos"], 1))
 
 

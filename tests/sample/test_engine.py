@@ -136,7 +136,7 @@ def test_sampled_frequencies_match_the_softmax(toy, filters):
   n, temperature = 4000, 1.5
   prompt = PROMPTS[0]
   sampling = engine.SamplingConfig(max_new_tokens=2, temperature=temperature, num_samples=n, **filters)
-  gens = _run(toy, sampling, 11, prompts=[prompt])[0]
+  gens = _run(toy, sampling, 12, prompts=[prompt])[0]
   first = np.array([g.token_ids[0] for g in gens])
   logits, _ = _last_logits(toy, [prompt])
   probs = _warped(logits[0, -1], temperature, **filters)
