@@ -14,9 +14,10 @@ The weight-streaming bound: every decode step reads all the weights once, so a s
 sums over a 512 MiB array). The bench prints ipo_jax's decode steps per second of that bound's rate: the
 fraction of the bound reached (prefill included in the time).
 
-Results on an otherwise idle 2-core CPU (SmolLM2-135M-Instruct fp32, `--prompts 8 --max-new-tokens 128`):
-sampled (32 rows) 92.3 vs 78.8 tokens/s (1.17x), greedy (8 rows) 63.1 vs 69.2 tokens/s (0.91x); the 3x target is
-not met (see the README's Benchmarks section).
+Results on an otherwise idle 2-core Intel Xeon (AVX-512, AMX; SmolLM2-135M-Instruct fp32,
+`--prompts 8 --max-new-tokens 128`):
+sampled (32 rows) 147.8 vs 144.7 tokens/s (1.02x), greedy (8 rows) 96.8 vs 110.3 tokens/s (0.88x), 11% and 23% of
+the weight-streaming bound; the 2x target is not met (the README's Benchmarks section says why).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def run_hf(args) -> dict:
   kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
   directory = os.path.dirname(path) if path.endswith(".gguf") else path
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, args.dtype), **kwargs).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, args.dtype),
+                                                            **kwargs).eval()
   tokenizer.padding_side = "left"
   batch = tokenizer(_prompts(tokenizer, args.prompts), return_tensors="pt", padding=True, add_special_tokens=False)
   eos = model.generation_config.eos_token_id

@@ -196,3 +196,21 @@ def test_batch_sharded_over_eight_devices_matches_one(toy, tmp_path):
                         env={**os.environ, "PYTHONPATH": ROOT})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_inverse_cdf_draw_follows_the_probabilities():
+  """`engine.draw` over a vocabulary that is not a multiple of its block, with zero-probability entries, on
+  unnormalised mass: frequencies match, and nothing without mass is drawn."""
+  vocab, n = 700, 20000
+  probs = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.key(1), (vocab,)) * 2.0), np.float64) * 3.0
+  probs[::7] = 0.0
+  probs[-5:] = 0.0  # the last block ends in entries without mass
+  keys = jax.random.split(jax.random.key(2), n)
+  drawn = np.asarray(engine.draw(jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (n, vocab)), keys))
+  assert np.all(probs[drawn] > 0)
+  assert _chi_square_pvalue(np.bincount(drawn, minlength=vocab), probs) > 1e-3
+  # A row whose mass sits in one entry always draws it; the draw is a function of the key.
+  one_hot = np.zeros((3, vocab), np.float32)
+  one_hot[:, [0, 255, 699]] = np.eye(3)
+  assert np.asarray(engine.draw(jnp.asarray(one_hot), keys[:3])).tolist() == [0, 255, 699]
+  assert np.array_equal(np.asarray(engine.draw(jnp.asarray(probs[None].repeat(4, 0)), keys[:4])), drawn[:4])
