@@ -17,7 +17,8 @@ fraction of the bound reached (prefill included in the time).
 Results on an otherwise idle 2-core Intel Xeon (AVX-512, AMX; SmolLM2-135M-Instruct fp32,
 `--prompts 8 --max-new-tokens 128`):
 sampled (32 rows) 147.8 vs 144.7 tokens/s (1.02x), greedy (8 rows) 96.8 vs 110.3 tokens/s (0.88x), 11% and 23% of
-the weight-streaming bound; the 2x target is not met (the README's Benchmarks section says why).
+the weight-streaming bound; with `--dtype bfloat16` 221.2 vs 197.4 (1.12x) and 125.3 vs 167.9 (0.75x); the 2x
+target is not met (the README's Benchmarks section says why).
 """
 
 from __future__ import annotations

@@ -65,12 +65,9 @@ def _gather_rows(cache: transformer.Cache, rows: jax.Array, extra_slots: int) ->
     pad[slot_axis] = (0, extra_slots)
     return jnp.pad(x, pad)
 
-  return {
-      "k": sharding.constrain(take(cache["k"], 1, 3), transformer.CACHE_AXES["k"]),
-      "v": sharding.constrain(take(cache["v"], 1, 3), transformer.CACHE_AXES["v"]),
-      "valid": take(cache["valid"], 0, 1), "pos": take(cache["pos"], 0, 1),
-      "next_pos": jnp.take(cache["next_pos"], rows), "length": cache["length"],
-  }
+  cache = transformer.map_kv(take, cache, 3)
+  return dict(cache, valid=take(cache["valid"], 0, 1), pos=take(cache["pos"], 0, 1),
+              next_pos=jnp.take(cache["next_pos"], rows))
 
 
 def _score_continuation(cfg, params, cache, rows, ids, mask, answers):

@@ -36,6 +36,7 @@ HIDDEN = ("batch", "length", "embed")  # the residual stream [B, T, D]
 QUERIES = ("batch", "length", "heads", "head_dim")
 MLP_HIDDEN = ("batch", "length", "mlp")
 KV = ("layers", "batch", "kv_heads", "length", "head_dim")  # heads-major: attention reads it without a transpose
+LAYER_KV = KV[1:]  # one layer's entry of a per-layer cache
 CACHE_AXES = {"k": KV, "v": KV, "valid": ("batch", "length"), "pos": ("batch", "length"), "next_pos": ("batch",),
               "length": ()}
 
@@ -120,18 +121,38 @@ def segment_positions(segment_ids: jax.Array, branch_ids: jax.Array | None = Non
   return jnp.where(branch_ids == 0, in_branch, shared + in_branch)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-  """An empty cache of `max_len` slots per row: k, v [L, B, Hkv, S, Dh]; valid, pos [B, S]; next_pos [B]; length."""
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32, per_layer: bool = False
+               ) -> Cache:
+  """An empty cache of `max_len` slots per row: k, v [L, B, Hkv, S, Dh] (`per_layer`: tuples of L arrays
+  [B, Hkv, S, Dh]); valid, pos [B, S]; next_pos [B]; length.
+
+  With a per-layer cache `forward` runs the layers one after another, each reading and writing its own entry in
+  place; a stacked cache is carried through the layer scan, whose per-layer slice XLA's CPU backend copies (and
+  whose bf16 update it computes in fp32 over the whole cache)."""
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  if per_layer:
+    kv = lambda: tuple(constrain(jnp.zeros(shape, dtype), LAYER_KV) for _ in range(cfg.num_layers))
+  else:
+    kv = lambda: constrain(jnp.zeros((cfg.num_layers,) + shape, dtype), KV)
   cache = {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
+      "k": kv(),
+      "v": kv(),
       "valid": jnp.zeros((batch, max_len), bool),
       "pos": jnp.zeros((batch, max_len), jnp.int32),
       "next_pos": jnp.zeros((batch,), jnp.int32),
       "length": jnp.zeros((), jnp.int32),
   }
-  return {name: constrain(x, CACHE_AXES[name]) for name, x in cache.items()}
+  return {name: x if name in ("k", "v") else constrain(x, CACHE_AXES[name]) for name, x in cache.items()}
+
+
+def map_kv(fn: Any, cache: Cache, slot_axis: int) -> Cache:
+  """`cache` with fn(x, batch_axis, slot_axis) applied to its keys and values (stacked or per layer); the axes are
+  a stacked entry's, one less for a per-layer entry. `slot_axis` is fn's to use (e.g. to grow the slots)."""
+  def apply(x):
+    if isinstance(x, tuple):
+      return tuple(constrain(fn(e, 0, slot_axis - 1), LAYER_KV) for e in x)
+    return constrain(fn(x, 1, slot_axis), KV)
+  return dict(cache, k=apply(cache["k"]), v=apply(cache["v"]))
 
 
 def query_blocks(t: int) -> list[tuple[int, int]]:
@@ -205,11 +226,16 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   q = constrain(q, QUERIES)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh], the cache's layout
-  if cache_kv is not None:  # the stacked cache of every layer: write this layer's new slots in place
+  if cache_kv is not None:  # write this layer's new slots in place: its own entry, or its part of the stacked cache
     ck, cv, start, layer = cache_kv
-    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, 0, start, 0))
-    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, 0, start, 0))
-    k, v = ck[layer], cv[layer]
+    if layer is None:
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, start, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, start, 0))
+      k, v = ck, cv
+    else:
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, 0, start, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, 0, start, 0))
+      k, v = ck[layer], cv[layer]
   attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window), causal_blocks=cache_kv is None)
   attn = _dense(attn, p["o"], "bte,ed->btd")
   if cfg.o_bias:
@@ -333,9 +359,22 @@ def forward(
   if remat:
     body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(remat))
   h = embed(params, cfg, input_ids)
-  xs = (params["layers"], windows, is_sliding, jnp.arange(cfg.num_layers))
-  kv = None if cache is None else (cache["k"], cache["v"])  # carried: each layer updates its slots in place
-  (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
+  if cache is not None and isinstance(cache["k"], tuple):  # a per-layer cache: the layers one after another
+    layers, kv = params["layers"], ([], [])
+    for i in range(cfg.num_layers):
+      # A dynamic index (the barrier keeps XLA from folding it): XLA's CPU backend copies a static slice of the
+      # stacked weights several times slower than a dynamic one.
+      index = jax.lax.optimization_barrier(jnp.int32(i))
+      p = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), layers)
+      h, (k, v) = _layer(cfg, h, p, windows[i], is_sliding[i], rope, kv_mask,
+                         (cache["k"][i], cache["v"][i], cache["length"], None))
+      kv[0].append(k)
+      kv[1].append(v)
+    kv = (tuple(kv[0]), tuple(kv[1]))
+  else:
+    xs = (params["layers"], windows, is_sliding, jnp.arange(cfg.num_layers))
+    kv = None if cache is None else (cache["k"], cache["v"])  # carried: each layer updates its slots in place
+    (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
   h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   if cache is None:
     return h, None

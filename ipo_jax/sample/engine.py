@@ -200,10 +200,9 @@ def _any_of(tokens: jax.Array, ids: tuple[int, ...]) -> jax.Array:
 
 def _share_prompt_cache(cache: transformer.Cache, num_samples: int) -> transformer.Cache:
   """Repeats each prompt's cache for its samples (rows i*N .. i*N+N-1)."""
-  return {"k": jnp.repeat(cache["k"], num_samples, axis=1), "v": jnp.repeat(cache["v"], num_samples, axis=1),
-          "valid": jnp.repeat(cache["valid"], num_samples, axis=0),
-          "pos": jnp.repeat(cache["pos"], num_samples, axis=0),
-          "next_pos": jnp.repeat(cache["next_pos"], num_samples), "length": cache["length"]}
+  cache = transformer.map_kv(lambda x, batch_axis, _: jnp.repeat(x, num_samples, axis=batch_axis), cache, 3)
+  return dict(cache, valid=jnp.repeat(cache["valid"], num_samples, axis=0),
+              pos=jnp.repeat(cache["pos"], num_samples, axis=0), next_pos=jnp.repeat(cache["next_pos"], num_samples))
 
 
 def _grow_cache(cache: transformer.Cache, slots: int) -> transformer.Cache:
@@ -212,9 +211,8 @@ def _grow_cache(cache: transformer.Cache, slots: int) -> transformer.Cache:
   def grow(x, axis):
     return jnp.pad(x, [(0, slots - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
 
-  return dict(cache, k=sharding.constrain(grow(cache["k"], 3), transformer.CACHE_AXES["k"]),
-              v=sharding.constrain(grow(cache["v"], 3), transformer.CACHE_AXES["v"]), valid=grow(cache["valid"], 1),
-              pos=grow(cache["pos"], 1))
+  cache = transformer.map_kv(lambda x, _, slot_axis: grow(x, slot_axis), cache, 3)
+  return dict(cache, valid=grow(cache["valid"], 1), pos=grow(cache["pos"], 1))
 
 
 DECODE_SEGMENT = 64  # new tokens per decode loop; each loop's cache has only the slots it can reach
@@ -234,7 +232,10 @@ def _decode(cfg, spec, params, prompt_ids, prompt_mask, active, key_data, temper
   _TRACES[0] += 1
   b, t = prompt_ids.shape
   n = spec.num_samples
-  cache = transformer.init_cache(cfg, b, t, params["embed"].dtype)
+  # A 16-bit cache on CPU is kept per layer: XLA's CPU backend computes a bf16 update of the stacked cache in fp32
+  # over the whole cache (every layer, every step). An fp32 cache stays stacked: the same speed, a smaller program.
+  dtype = params["embed"].dtype
+  cache = transformer.init_cache(cfg, b, t, dtype, per_layer=sharding.platform() == "cpu" and dtype.itemsize == 2)
   hidden, cache = transformer.forward(params, cfg, prompt_ids, prompt_mask, cache)
   logits = jnp.repeat(transformer.lm_head(params, cfg, hidden[:, -1]), n, axis=0)
   keys = jax.random.wrap_key_data(key_data.reshape(b * n, *key_data.shape[2:]))

@@ -44,11 +44,15 @@ def test_padding_invariance(params):
   np.testing.assert_allclose(right[:, :8], ref, atol=1e-5)
 
 
-def test_cache_continuation_equals_full_pass(params):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_cache_continuation_equals_full_pass(params, per_layer):
+  """A stacked cache (carried through the layer scan) and a per-layer one (the layers one after another, as the
+  sampler decodes on CPU) both continue exactly as the full pass."""
   ids = np.array([[3, 14, 15, 9, 26, 5, 35, 8], [0, 0, 7, 7, 1, 2, 3, 4]])
   mask = np.array([[1] * 8, [0, 0] + [1] * 6])
   ref = logits(params, ids, mask)
-  cache = transformer.init_cache(CFG, 2, 12)
+  cache = transformer.init_cache(CFG, 2, 12, per_layer=per_layer)
+  assert isinstance(cache["k"], tuple) == per_layer
   _, cache = transformer.forward(params, CFG, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]), cache)
   # Continuation is itself left-padded: a gap of padding slots must not change anything.
   cont_ids = np.pad(ids[:, 5:], ((0, 0), (1, 0)))
