@@ -48,6 +48,11 @@ class Job:
     extra = f",remat={self.remat_label},accum={self.grad_accum}" if self.program in TRAIN_PROGRAMS else ""
     return f"{self.program}[{d}x{f}x{t}{extra},rows={self.rows}]"
 
+  @classmethod
+  def from_row(cls, job: dict[str, Any]) -> "Job":
+    """The job of a programs.jsonl row (rows written before a field existed take its default)."""
+    return cls(**{**job, "mesh_shape": tuple(job["mesh_shape"])})
+
   @property
   def remat_label(self) -> str:
     return self.remat_policy if self.remat else "off"

@@ -65,7 +65,7 @@ def _gather_rows(cache: transformer.Cache, rows: jax.Array, extra_slots: int) ->
     pad[slot_axis] = (0, extra_slots)
     return jnp.pad(x, pad)
 
-  cache = transformer.map_kv(take, cache, 3)
+  cache = transformer.map_kv(take, cache)
   return dict(cache, valid=take(cache["valid"], 0, 1), pos=take(cache["pos"], 0, 1),
               next_pos=jnp.take(cache["next_pos"], rows))
 

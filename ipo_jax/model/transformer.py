@@ -145,13 +145,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
   return {name: x if name in ("k", "v") else constrain(x, CACHE_AXES[name]) for name, x in cache.items()}
 
 
-def map_kv(fn: Any, cache: Cache, slot_axis: int) -> Cache:
-  """`cache` with fn(x, batch_axis, slot_axis) applied to its keys and values (stacked or per layer); the axes are
-  a stacked entry's, one less for a per-layer entry. `slot_axis` is fn's to use (e.g. to grow the slots)."""
+def map_kv(fn: Any, cache: Cache) -> Cache:
+  """`cache` with fn(x, batch_axis, slot_axis) applied to its keys and values, stacked or per layer (the axes of
+  the entry fn gets)."""
   def apply(x):
     if isinstance(x, tuple):
-      return tuple(constrain(fn(e, 0, slot_axis - 1), LAYER_KV) for e in x)
-    return constrain(fn(x, 1, slot_axis), KV)
+      return tuple(constrain(fn(e, LAYER_KV.index("batch"), LAYER_KV.index("length")), LAYER_KV) for e in x)
+    return constrain(fn(x, KV.index("batch"), KV.index("length")), KV)
   return dict(cache, k=apply(cache["k"]), v=apply(cache["v"]))
 
 
@@ -227,15 +227,12 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
   q = constrain(q, QUERIES)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh], the cache's layout
   if cache_kv is not None:  # write this layer's new slots in place: its own entry, or its part of the stacked cache
-    ck, cv, start, layer = cache_kv
-    if layer is None:
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, start, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, start, 0))
-      k, v = ck, cv
-    else:
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, 0, start, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, 0, start, 0))
-      k, v = ck[layer], cv[layer]
+    ck, cv, start, layer = cache_kv  # layer None: ck, cv are this layer's own entry
+    lead = () if layer is None else (layer,)
+    write = lambda c, new: jax.lax.dynamic_update_slice(c, new.astype(c.dtype)[(None,) * len(lead)],
+                                                        lead + (0, 0, start, 0))
+    ck, cv = write(ck, k), write(cv, v)
+    k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])
   attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window), causal_blocks=cache_kv is None)
   attn = _dense(attn, p["o"], "bte,ed->btd")
   if cfg.o_bias:
@@ -360,17 +357,16 @@ def forward(
     body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(remat))
   h = embed(params, cfg, input_ids)
   if cache is not None and isinstance(cache["k"], tuple):  # a per-layer cache: the layers one after another
-    layers, kv = params["layers"], ([], [])
+    layers, written = params["layers"], []
     for i in range(cfg.num_layers):
       # A dynamic index (the barrier keeps XLA from folding it): XLA's CPU backend copies a static slice of the
       # stacked weights several times slower than a dynamic one.
       index = jax.lax.optimization_barrier(jnp.int32(i))
       p = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), layers)
-      h, (k, v) = _layer(cfg, h, p, windows[i], is_sliding[i], rope, kv_mask,
-                         (cache["k"][i], cache["v"][i], cache["length"], None))
-      kv[0].append(k)
-      kv[1].append(v)
-    kv = (tuple(kv[0]), tuple(kv[1]))
+      h, layer_kv = _layer(cfg, h, p, windows[i], is_sliding[i], rope, kv_mask,
+                           (cache["k"][i], cache["v"][i], cache["length"], None))
+      written.append(layer_kv)
+    kv = tuple(map(tuple, zip(*written)))  # ((k of each layer), (v of each layer))
   else:
     xs = (params["layers"], windows, is_sliding, jnp.arange(cfg.num_layers))
     kv = None if cache is None else (cache["k"], cache["v"])  # carried: each layer updates its slots in place

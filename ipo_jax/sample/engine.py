@@ -200,7 +200,7 @@ def _any_of(tokens: jax.Array, ids: tuple[int, ...]) -> jax.Array:
 
 def _share_prompt_cache(cache: transformer.Cache, num_samples: int) -> transformer.Cache:
   """Repeats each prompt's cache for its samples (rows i*N .. i*N+N-1)."""
-  cache = transformer.map_kv(lambda x, batch_axis, _: jnp.repeat(x, num_samples, axis=batch_axis), cache, 3)
+  cache = transformer.map_kv(lambda x, batch_axis, _: jnp.repeat(x, num_samples, axis=batch_axis), cache)
   return dict(cache, valid=jnp.repeat(cache["valid"], num_samples, axis=0),
               pos=jnp.repeat(cache["pos"], num_samples, axis=0), next_pos=jnp.repeat(cache["next_pos"], num_samples))
 
@@ -211,7 +211,7 @@ def _grow_cache(cache: transformer.Cache, slots: int) -> transformer.Cache:
   def grow(x, axis):
     return jnp.pad(x, [(0, slots - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
 
-  cache = transformer.map_kv(lambda x, _, slot_axis: grow(x, slot_axis), cache, 3)
+  cache = transformer.map_kv(lambda x, _, slot_axis: grow(x, slot_axis), cache)
   return dict(cache, valid=grow(cache["valid"], 1), pos=grow(cache["pos"], 1))
 
 

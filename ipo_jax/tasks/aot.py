@@ -90,7 +90,7 @@ def _row(config, cfg, job, target, devices, done, run) -> dict[str, Any]:
 
 def largest_batch(config, cfg, row, target, devices, done, run) -> int:
   """The most rows (prompts, sequences or pairs per step) the job of `row` fits with, on its mesh and settings."""
-  job = jobs.Job(**{**row["job"], "mesh_shape": tuple(row["job"]["mesh_shape"])})
+  job = jobs.Job.from_row(row["job"])
   fits = lambda rows: bool(_row(config, cfg, dataclasses.replace(job, rows=rows), target, devices, done, run)["fits"])
   return jobs.largest_fitting(fits, jobs.round_rows(1, job.mesh_shape, job.grad_accum),
                               int(config.aot.largest_batch_cap))
@@ -154,7 +154,7 @@ def report_table(target: Any, cfg_name: str, rows: list[dict[str, Any]], best: d
                       if v.get("count"))
     lines.append("| " + " | ".join([
         j["program"] + (" (best)" if best.get(j["program"]) == r["key"] else ""), f"{d}×{f}×{t}",
-        f"{j.get('remat_policy', 'full') if j['remat'] else 'off'} / {j['grad_accum']}" if dpo else "",
+        f"{jobs.Job.from_row(j).remat_label} / {j['grad_accum']}" if dpo else "",
         f"{j['rows']} × {j['length']}"
         + (f" + {j['samples']}×{j['new_tokens']}" if j["program"] == "generate" else ""),
         f"{r.get('needed_bytes', 0) / GIB:.2f}" + (f" ({mem.get('argument', 0) / GIB:.2f} + "
