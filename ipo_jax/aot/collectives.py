@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from ipo_jax.aot.hlo_module import Instruction, Module, balanced
+from ipo_jax.aot.hlo_module import Computation, Instruction, Module, balanced
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
                "collective-broadcast")
@@ -34,11 +34,14 @@ def collectives(module: Module) -> list[Collective]:
   `channel_id` are one collective: the TPU compiler's async collective fusion threads one in-flight collective
   through several fusions (e.g. the LM head's weight gather progressed across every layer of the scan), each
   holding a copy of the instruction (same channel, kind, shape and groups); it runs as often as its least frequent
-  copy."""
+  copy. The TPU compiler emits a reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion (each device
+  keeping its slice of the sum, in one kernel): that is a reduce-scatter, its bytes the summed input."""
   out: dict[object, Collective] = {}
   for comp, inst, mult in module.instructions():
     base = inst.opcode[:-len("-start")] if inst.opcode.endswith("-start") else inst.opcode
     base = "all-to-all" if base == "ragged-all-to-all" else base
+    if base == "all-reduce" and reduce_scatter_fusion(comp):
+      base = "reduce-scatter"
     if base in COLLECTIVES:
       size = sum(a.bytes for name in inst.operands for a in module.shape_of(comp, name))
       channel = inst.attr(r"channel_id=(\d+)")
@@ -47,6 +50,12 @@ def collectives(module: Module) -> list[Collective]:
       if key not in out or mult < out[key].runs:
         out[key] = Collective(base, inst.name, size, replica_groups(inst, module.num_partitions), mult)
   return list(out.values())
+
+
+def reduce_scatter_fusion(comp: Computation) -> bool:
+  """Whether `comp` is the body of a TPU reduce-scatter: an `all-reduce-scatter` fusion (its all-reduce followed by
+  each device's dynamic slice of the result)."""
+  return comp.name.lstrip("%").startswith("all-reduce-scatter")
 
 
 def dcn_transfers(module: Module) -> list[tuple[str, int, float]]:

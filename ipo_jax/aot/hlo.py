@@ -4,6 +4,7 @@ loops, collectives by kind, and estimated compute / collective / step seconds (t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import time
@@ -70,6 +71,9 @@ class Analysis:
   collectives: dict[str, CollectiveSummary] = dataclasses.field(default_factory=dict)
   compute_seconds: float | None = None
   compute_method: str = ""
+  # TPU: where the estimated compute time goes (`top_kernels`): {"kernel", "share" of compute_seconds, "seconds",
+  # "peak_fraction" (kernels with FLOPs)}, the largest first, then "all matmuls"
+  top_kernels: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   memory_seconds: float | None = None  # hbm_traffic_bytes / HBM bandwidth
   collective_seconds: float | None = None
   step_seconds: float | None = None
@@ -113,6 +117,7 @@ def analyze(compiled: Any, target: Target, devices: list[Any] | None = None) -> 
   out.hbm_traffic_bytes = hlo_module.hbm_bytes(module)
   out.memory_seconds = out.hbm_traffic_bytes / target.hbm_bytes_per_s
   out.compute_seconds, out.compute_method = _compute_seconds(module, target, out.flops, out.memory_seconds)
+  out.top_kernels = top_kernels(module, target, out.compute_seconds)
   slices = _partition_slices(compiled, target, devices, module.num_partitions)
   out.collectives = _collectives(module, target, slices, out.notes)
   out.collective_seconds = sum(c.seconds for c in out.collectives.values())
@@ -165,6 +170,31 @@ def _compute_seconds(module: hlo_module.Module, target: Target, flops: float,
                  for f, b, runs in hlo_module.stated_kernels(module))
     return cycles / target.clock_hz + stated, "tpu-compiler-cycles"
   return max(flops / target.peak_flops, memory_seconds), "roofline: max(FLOPs / peak, HBM traffic / bandwidth)"
+
+
+def top_kernels(module: hlo_module.Module, target: Target, compute_seconds: float, count: int = 6
+                ) -> list[dict[str, Any]]:
+  """Where the TPU compiler's estimated cycles go: the `count` kernel kinds (`hlo_module.kernel_label`) that take
+  most, then "all matmuls" (every kernel with FLOPs); each with its share of the compute time and, where it has
+  FLOPs, the fraction of the chip's peak FLOP/s it runs at. Empty where the compiler gives no estimates."""
+  if target.platform != "tpu" or not target.clock_hz or not compute_seconds:
+    return []
+  cycles: dict[str, float] = collections.defaultdict(float)
+  flops: dict[str, float] = collections.defaultdict(float)
+  for inst, c, f in hlo_module.kernel_cycles(module):
+    for label in (hlo_module.kernel_label(inst),) + (("all matmuls",) if f else ()):
+      cycles[label] += c
+      flops[label] += f
+
+  def entry(label: str) -> dict[str, Any]:
+    seconds = cycles[label] / target.clock_hz
+    out = {"kernel": label, "share": seconds / compute_seconds, "seconds": seconds}
+    if flops[label]:
+      out["peak_fraction"] = flops[label] / (seconds * target.peak_flops)
+    return out
+
+  kinds = sorted((k for k in cycles if k != "all matmuls"), key=cycles.get, reverse=True)[:count]
+  return [entry(k) for k in kinds] + ([entry("all matmuls")] if "all matmuls" in cycles else [])
 
 
 def _partition_slices(compiled: Any, target: Target, devices: list[Any] | None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Iterator
+from typing import Any, Iterator
 
 from ipo_jax.aot.loops import trip_count
 
@@ -211,9 +211,7 @@ def instruction_flops(module: Module, comp: Computation, inst: Instruction) -> f
     dims = inst.attr(r"lhs_contracting_dims=\{([\d,]*)\}")
     return 2.0 * inst.shapes[0].elements * _contracted(module, comp, inst, dims)
   if inst.opcode == "convolution":
-    labels = inst.attr(r"dim_labels=\w+_(\w+)->")
-    kernel = module.shape_of(comp, inst.operands[1])[0]
-    return 2.0 * inst.shapes[0].elements * math.prod(s for s, c in zip(kernel.dims, labels) if c != "o")
+    return _convolution_flops(module, comp, inst)
   if inst.opcode == "custom-call":
     stated = inst.attr(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
     if stated is not None:
@@ -222,6 +220,40 @@ def instruction_flops(module: Module, comp: Computation, inst: Instruction) -> f
       dims = inst.attr(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
       return 2.0 * inst.shapes[0].elements * _contracted(module, comp, inst, (dims or "").replace('"', ""))
   return 0.0
+
+
+def _convolution_flops(module: Module, comp: Computation, inst: Instruction) -> float:
+  """2 x output elements x input features x the window positions that fall on the input, not its padding: the
+  partitioner writes a windowed einsum's dot over two shards as a convolution whose spatial dim (the shards) is padded
+  by one on each side, so half of its window positions multiply zeros."""
+  lhs_labels, kernel_labels, out_labels = re.split(r"_|->", inst.attr(r"dim_labels=(\w+_\w+->\w+)") or "__")
+  lhs, kernel = (module.shape_of(comp, name)[0] for name in inst.operands[:2])
+  out = inst.shapes[0]
+  window = _window(inst.attr(r"window=\{([^}]*)\}") or "")
+  per_output = float(kernel.dims[kernel_labels.index("i")])
+  for d in sorted(c for c in kernel_labels if c.isdigit()):
+    size, n, o = kernel.dims[kernel_labels.index(d)], lhs.dims[lhs_labels.index(d)], out.dims[out_labels.index(d)]
+    w = window[int(d)] if int(d) < len(window) else {}
+    lo, stride = w.get("pad", (0, 0))[0], w.get("stride", 1)
+    lhs_dilate, rhs_dilate = w.get("lhs_dilate", 1), w.get("rhs_dilate", 1)
+    hits = 0
+    for position in range(o):
+      for tap in range(size):
+        i = position * stride + tap * rhs_dilate - lo  # in the (dilated) input
+        hits += 0 <= i < (n - 1) * lhs_dilate + 1 and i % lhs_dilate == 0
+    per_output *= hits / max(o, 1)
+  return 2.0 * out.elements * per_output
+
+
+def _window(text: str) -> list[dict[str, Any]]:
+  """`size=2x3 pad=1_1x0_0 stride=1x2 ...` -> one dict per spatial dim ({"size": 2, "pad": (1, 1), ...})."""
+  dims: list[dict[str, Any]] = []
+  for key, value in re.findall(r"(\w+)=([\d_x]+)", text):
+    for j, part in enumerate(value.split("x")):
+      while len(dims) <= j:
+        dims.append({})
+      dims[j][key] = tuple(int(v) for v in part.split("_")) if "_" in part else int(part)
+  return dims
 
 
 def _contracted(module: Module, comp: Computation, inst: Instruction, dims: str | None) -> int:
@@ -243,6 +275,41 @@ def estimated_cycles(module: Module) -> tuple[float, int]:
     if cycles is not None:
       total, count = total + int(cycles) * mult, count + 1
   return total, count
+
+
+def kernel_cycles(module: Module) -> Iterator[tuple[Instruction, float, float]]:
+  """(kernel, estimated cycles x runs, FLOPs x runs) of every kernel the TPU compiler estimated: a kernel's FLOPs
+  are those of the instructions fused into it."""
+  for comp, inst, mult in module.instructions():
+    cycles = None if comp.name in module.fused else inst.attr(r'"estimated_cycles":"(\d+)"')
+    if cycles is not None:
+      yield inst, int(cycles) * mult, (instruction_flops(module, comp, inst) + _fused_flops(module, inst)) * mult
+
+
+def _fused_flops(module: Module, inst: Instruction) -> float:
+  if inst.opcode != "fusion":
+    return 0.0
+  total = 0.0
+  for name in re.findall(r"calls=%([\w.\-]+)", inst.attrs):
+    comp = module.computations.get(name)
+    for inner in comp.instructions.values() if comp else ():
+      total += instruction_flops(module, comp, inner) + _fused_flops(module, inner)
+  return total
+
+
+_OP_NAME_NOISE = re.compile(r"^(jit\(.*\)|pjit|while|body|cond|closed_call|checkpoint|remat|rematted_computation|"
+                            r"transpose\(jvp\(\)\)|jvp\(\)|vmap\(.*\)|jit)$")
+
+
+def kernel_label(inst: Instruction) -> str:
+  """What a kernel computes, from its source op name: the last two meaningful parts of `op_name` ("btd,df->btf
+  dot_general"), "bwd" in front for the backward pass; its opcode when it has no op name."""
+  op_name = inst.attr(r'op_name="([^"]+)"')
+  if not op_name:
+    return inst.opcode
+  parts = [p for p in op_name.split("/") if p and not _OP_NAME_NOISE.match(p)]
+  label = " ".join(parts[-2:]) or inst.opcode
+  return ("bwd " if "transpose(" in op_name else "") + label
 
 
 def stated_kernels(module: Module) -> Iterator[tuple[float, float, float]]:

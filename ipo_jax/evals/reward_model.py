@@ -104,8 +104,8 @@ def _rewards(cfg, params, ids, mask):
 def build(cfg: Any, mesh: jax.sharding.Mesh, params: Any) -> Any:
   """The reward program `program(cfg, params, ids, mask)`: explicit in/out shardings, `cfg` static."""
   rows = sharding.batch_sharding(mesh, 2)
-  return jax.jit(_rewards, in_shardings=(sharding.param_shardings(params, mesh), rows, rows),
-                 out_shardings=sharding.replicated(mesh), static_argnames=("cfg",))
+  return sharding.jit(_rewards, mesh, in_shardings=(sharding.param_shardings(params, mesh), rows, rows),
+                      out_shardings=sharding.replicated(mesh), static_argnames=("cfg",))
 
 
 def pad_rows(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int, left: bool = False

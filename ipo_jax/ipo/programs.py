@@ -38,7 +38,7 @@ def num_compilations() -> int:
 
 def _yes_no(params, cfg: ModelConfig, hidden: jax.Array, answers: jax.Array) -> jax.Array:
   """[B, 2] (replicated): log-odds of yes over no and the log yes+no probability mass, from hidden states [B, D]."""
-  logits = transformer.lm_head(params, cfg, hidden)  # [B, V] at the one scored position
+  logits = transformer.lm_head(params, cfg, hidden, split_vocab=True)  # [B, V] at the one scored position
   pair = jnp.take(logits, answers, axis=-1)
   log_mass = jax.nn.logsumexp(pair, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
   return sharding.constrain(jnp.stack([pair[:, 0] - pair[:, 1], log_mass], axis=-1), (None, None))
@@ -112,7 +112,7 @@ def build(cfg: ModelConfig, mesh: jax.sharding.Mesh, params: Any) -> Programs:
   cache = cache_shardings(cfg, mesh)
 
   def jit(fn, in_shardings, out_shardings):
-    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, static_argnames=("cfg",))
+    return sharding.jit(fn, mesh, in_shardings=in_shardings, out_shardings=out_shardings, static_argnames=("cfg",))
 
   return Programs(
       plain=jit(_score_plain, (weights, rows, rows, replicated), replicated),

@@ -272,8 +272,9 @@ class Model:
   def _jit(self, fn: Callable, out_ndim: int) -> Callable:
     """`fn(params, ids, mask)` jitted with explicit shardings: params as loaded, the batch over (data, fsdp)."""
     batch = sharding.batch_sharding(self.mesh)
-    return jax.jit(fn, in_shardings=(sharding.param_shardings(self.params, self.mesh), batch, batch),
-                   out_shardings=sharding.batch_sharding(self.mesh, out_ndim))
+    weights = sharding.param_shardings(self.params, self.mesh)
+    return sharding.jit(fn, self.mesh, in_shardings=(weights, batch, batch),
+                        out_shardings=sharding.batch_sharding(self.mesh, out_ndim))
 
   @functools.cached_property
   def _logits_fn(self) -> Callable:

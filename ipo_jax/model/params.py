@@ -38,7 +38,7 @@ class Weight(NamedTuple):
 TOP: dict[str, Weight] = {
     "embed": Weight(("vocab", "embed"), "{prefix}embed_tokens.weight", "token_embd.weight"),
     "final_norm": Weight(("norm",), "{prefix}norm.weight", "output_norm.weight"),
-    "lm_head": Weight(("vocab", "embed"), "lm_head.weight", "output.weight",
+    "lm_head": Weight(("head_vocab", "embed"), "lm_head.weight", "output.weight",
                       present=lambda c: not c.num_labels and not c.tie_embeddings),
     "score": Weight(("labels", "embed"), "score.weight", None, present=lambda c: c.num_labels > 0),
 }
@@ -72,7 +72,7 @@ ADAPTER_AXES = {"lora_a": ("lora_in", "lora_rank"), "lora_b": ("lora_rank", "lor
 
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
   """The size of each logical axis of a parameter (`heads`/`kv_heads` hold heads × head_dim features)."""
-  return {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "norm": cfg.hidden_size,
+  return {"vocab": cfg.vocab_size, "head_vocab": cfg.vocab_size, "embed": cfg.hidden_size, "norm": cfg.hidden_size,
           "heads": cfg.num_heads * cfg.head_dim, "kv_heads": cfg.num_kv_heads * cfg.head_dim,
           "mlp": cfg.intermediate_size, "head_dim": cfg.head_dim, "labels": cfg.num_labels, "layers": cfg.num_layers}
 

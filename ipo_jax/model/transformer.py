@@ -382,12 +382,23 @@ def forward(
   return h, new_cache
 
 
-def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
-  """Logits (fp32) for `hidden` [..., D] over the whole vocabulary, or only the rows `vocab_ids` [K]."""
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, vocab_ids: jax.Array | None = None,
+            split_vocab: bool = False) -> jax.Array:
+  """Logits (fp32) for `hidden` [..., D] over the whole vocabulary, or only the rows `vocab_ids` [K].
+
+  `split_vocab` (a few positions per row: scoring, decoding): each device computes every row's logits over its own
+  slice of the vocabulary (`head_vocab`: the fsdp and tensor axes), so the table never moves whole: the rows are
+  gathered instead (B x D, small beside V x D), and a table stored split over its width (a tied embedding) is
+  resharded by an all-to-all, 1/n of the gather. The logits stay split over the vocabulary."""
   w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
   if vocab_ids is not None:
     w = jnp.take(w, jnp.asarray(vocab_ids), axis=0)
+  if split_vocab:
+    w = constrain(w, ("head_vocab", None))
+    hidden = constrain(hidden, (None,) * hidden.ndim)
   logits = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+  if split_vocab:
+    logits = constrain(logits, (None,) * (logits.ndim - 1) + ("head_vocab",))
   if cfg.final_softcap:
     logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
   return logits

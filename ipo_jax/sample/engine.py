@@ -271,9 +271,10 @@ def build_decode(mesh: jax.sharding.Mesh, params: Any) -> Callable:
   active, key_data, temperature, top_p, min_p); batch inputs and outputs split over (data, fsdp), the sampling
   scalars replicated. Each (cfg, spec, shape) compiles once per process whichever built program runs it."""
   rows, scalar = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
-  return jax.jit(_decode, static_argnames=("cfg", "spec"),
-                 in_shardings=(sharding.param_shardings(params, mesh), rows, rows, rows, rows, scalar, scalar, scalar),
-                 out_shardings=(rows, rows))
+  return sharding.jit(_decode, mesh, static_argnames=("cfg", "spec"),
+                      in_shardings=(sharding.param_shardings(params, mesh), rows, rows, rows, rows, scalar, scalar,
+                                    scalar),
+                      out_shardings=(rows, rows))
 
 
 def lowerable(cfg: Any, mesh: jax.sharding.Mesh, dtype: Any, sampling: SamplingConfig, rows: int,

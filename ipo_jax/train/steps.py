@@ -242,20 +242,21 @@ def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer
   rep = sharding.replicated(mesh)
   batch_shards = NamedSharding(mesh, P(sharding.BATCH))
   accum_shards = NamedSharding(mesh, P(None, sharding.BATCH))
-  init = jax.jit(init_state, in_shardings=(base_shards, rep), out_shardings=state_shards, static_argnums=(0, 1))
-  train = jax.jit(train_step, in_shardings=(state_shards, frozen_shards, accum_shards),
-                  out_shardings=(state_shards, rep), static_argnums=(0, 1, 2), donate_argnums=(3,))
-  policy = jax.jit(logps_step, in_shardings=(state_shards.params, frozen_shards, batch_shards), out_shardings=rep,
-                   static_argnums=(0, 1))
+  jit = functools.partial(sharding.jit, mesh=mesh)
+  init = jit(init_state, in_shardings=(base_shards, rep), out_shardings=state_shards, static_argnums=(0, 1))
+  train = jit(train_step, in_shardings=(state_shards, frozen_shards, accum_shards),
+              out_shardings=(state_shards, rep), static_argnums=(0, 1, 2), donate_argnums=(3,))
+  policy = jit(logps_step, in_shardings=(state_shards.params, frozen_shards, batch_shards), out_shardings=rep,
+               static_argnums=(0, 1))
   base_fn = None
   if s.lora is not None:
-    base_fn = functools.partial(jax.jit(base_logps_step, in_shardings=(base_shards, batch_shards), out_shardings=rep,
-                                        static_argnums=(0, 1)), s, cfg)
-  final = jax.jit(final_params, in_shardings=(state_shards.params, base_shards),
-                  out_shardings=state_shards.params if s.lora is None else base_shards, static_argnums=(0,))
+    base_fn = functools.partial(jit(base_logps_step, in_shardings=(base_shards, batch_shards), out_shardings=rep,
+                                    static_argnums=(0, 1)), s, cfg)
+  final = jit(final_params, in_shardings=(state_shards.params, base_shards),
+              out_shardings=state_shards.params if s.lora is None else base_shards, static_argnums=(0,))
   return Steps(init=functools.partial(init, s, opt), train=functools.partial(train, s, cfg, opt),
                policy_logps=functools.partial(policy, s, cfg), base_logps=base_fn, final=functools.partial(final, s),
-               checksum=jax.jit(checksum, in_shardings=(base_shards,), out_shardings=rep),
+               checksum=jit(checksum, in_shardings=(base_shards,), out_shardings=rep),
                state_shardings=state_shards, state_shapes=state_shapes)
 
 

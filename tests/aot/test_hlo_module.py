@@ -88,3 +88,27 @@ def test_nested_loops_and_kernels_counted():
   per_inner = 2 * (2 * 2 * 4 * 128 * 128 * 64) + 2 * 2 * 4 * 128 * 64 * 64
   assert hlo_module.flops(module) == 15 * per_inner
   assert sorted(trip for _, trip, _ in module.loops) == [3, 5]
+
+
+CONVOLUTIONS = """HloModule windowed, num_partitions=16
+
+ENTRY %main (x: bf16[1024,2,256], w: bf16[2,256,14336], y: bf16[1024,14336,1], v: bf16[14336,2,256]) -> bf16[1024,2,256] {
+  %x = bf16[1024,2,256]{2,1,0} parameter(0)
+  %w = bf16[2,256,14336]{2,1,0} parameter(1)
+  %y = bf16[1024,14336,1]{2,1,0} parameter(2)
+  %v = bf16[14336,2,256]{2,1,0} parameter(3)
+  %up = bf16[1024,14336,1]{2,1,0} convolution(%x, %w), window={size=2}, dim_labels=b0f_0io->bf0
+  ROOT %down = bf16[1024,2,256]{2,0,1} convolution(%y, %v), window={size=2 pad=1_1 rhs_reversal=1}, dim_labels=bf0_i0o->b0f
+}
+"""
+
+
+def test_convolution_flops_skip_the_padded_window():
+  """A windowed einsum's dots over two weight shards, as the TPU partitioner writes them: contracting the two shards
+  (a window of 2 over 2 positions), and batching them (a window of 2 padded by 1 each side: each output position
+  meets one real input position, so it is a [1024, 14336] @ [14336, 256] dot per shard, not twice that)."""
+  module = hlo_module.parse_module(CONVOLUTIONS)
+  comp = next(c for c in module.computations.values() if c.entry)
+  up, down = comp.instructions["up"], comp.instructions["down"]
+  assert hlo_module.instruction_flops(module, comp, up) == 2 * 1024 * 14336 * (2 * 256)
+  assert hlo_module.instruction_flops(module, comp, down) == 2 * 1024 * 14336 * 256 * 2
