@@ -16,8 +16,8 @@ Programs (`--config.programs`, comma-separated): score, generate, dpo, dpo_lora 
 projection) and sft (an SFT step of train.batch_size examples of data.max_length tokens).
 Targets: `tpu:<v4|v5e|v5p|v6e>:<topology>` and `gpu:<h100|h200>x8[x<hosts>]` (ipo_jax/aot/targets.py lists the
 forms, the devices' figures and their sources). The TPU compiler comes with the dev install (libtpu); the host needs
-no accelerator. `--config.mesh.auto=True` compiles candidate (data, fsdp, tensor) meshes and reports the best that
-fits; a training step that does not fit is retried with remat (policy minimal, then full), then with more
+no accelerator. `--config.mesh.auto=True` compiles `mesh.candidates` (data, fsdp, tensor) meshes and reports the
+best that fits; a training step that does not fit is retried with remat (policy minimal, then full), then with more
 micro-batches (`aot.escalate`).
 Variants: `paper` (all four programs), `tiny` (Qwen2.5-0.5B shapes with short rows on a v5e 2x2, a fast check).
 
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.target = "tpu:v5e:4x4"
   c.programs = "score,dpo"
-  c.mesh.auto = False
+  c.mesh.candidates = 8  # with mesh.auto: candidate meshes per program
   c.scoring = common.scoring()
   c.sampling = common.sampling()  # num_samples x max_new_tokens per prompt, batch_size prompts per program
   c.update(common.training())  # dpo, lora, optim, train (batch_size pairs per step, grad_accum, remat), data
@@ -51,7 +51,6 @@ def get_config(arg=None):
       packed_sequences=4,
       prompt_length=512,  # sampling: prompt tokens per row
       escalate=True,  # training steps: remat (minimal, then full), then more micro-batches, until it fits
-      max_candidates=8,  # mesh.auto: candidate meshes per program
       largest_batch=False,  # also find the most rows each program fits (doubling, then bisection: ~2 log2 compiles)
       largest_batch_cap=4096,
   )

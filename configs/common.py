@@ -59,8 +59,11 @@ def model(path: str = "embedded", dtype: str = "float32") -> ConfigDict:
 
 def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> ConfigDict:
   """Mesh axis sizes (-1 takes the remaining devices), laid out by the chip network; on a multi-slice TPU pod
-  `slice_axis` (data or fsdp) is the axis that spans the slices."""
-  return ConfigDict({"shape": {"data": data, "fsdp": fsdp, "tensor": tensor}, "slice_axis": "data"})
+  `slice_axis` (data or fsdp) is the axis that spans the slices. `auto=True` instead compiles the task's main
+  program on `candidates` (data, fsdp, tensor) meshes of the devices and takes the fastest estimated one that fits
+  (ipo_jax/aot/chooser.py; TPU and GPU: on CPU every device stays on fsdp)."""
+  return ConfigDict({"shape": {"data": data, "fsdp": fsdp, "tensor": tensor}, "slice_axis": "data", "auto": False,
+                     "candidates": 4})
 
 
 def distributed() -> ConfigDict:

@@ -174,7 +174,7 @@ def check_config(config: Any) -> None:
       loading.check_model_path(model.path, allow_hub=bool(model.get("allow_hub", False)))
       presets.check_task(model.path, config.get("task"))
   if config.get("mesh", None) is not None and config.get("task") != "aot":  # aot: a mesh of the target's devices
-    runtime.mesh_from_config(config)
+    runtime.mesh_from_config(config, choose=False)  # (the shape is checked; mesh.auto chooses when the task runs)
   if isinstance(config.get("output_dir", None), str) and config.output_dir:
     _check_output_dir(config.output_dir)
 

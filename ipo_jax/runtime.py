@@ -47,8 +47,13 @@ def log(*args: Any) -> None:
     print(*args, flush=True)
 
 
-def mesh_from_config(config: Any) -> jax.sharding.Mesh:
+def mesh_from_config(config: Any, choose: bool = True) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh`: its shape, or with `auto` (and `choose`) the one `ipo_jax.aot.chooser` picks by
+  compiling the task's main program on candidate meshes."""
   section = config.get("mesh", {}) if hasattr(config, "get") else {}
+  if section.get("auto", False) and choose:
+    from ipo_jax.aot import chooser  # pylint: disable=import-outside-toplevel
+    return chooser.choose_mesh(config, log=log)
   shape = section.get("shape")
   return sharding.make_mesh(dict(shape) if shape else None, slice_axis=section.get("slice_axis", "data"))
 

@@ -7,7 +7,7 @@ estimated compute time goes (the kernel kinds the TPU compiler spends most cycle
 they run at), so a missed goal comes with its cause.
 
   python experiments/bench/pod.py --out runs/bench_pod
-      the whole grid: about 25 minutes of compiling on a 2-core host (70B DPO and 8B DPO take most); rows are kept
+      the whole grid: about 20 minutes of compiling on a 2-core host (the DPO steps take most); rows are kept
       in --out, so a rerun resumes.
   python experiments/bench/pod.py --only 8b-v5e-score
       one row (names: --list).
@@ -68,7 +68,7 @@ def config_of(case: Case, out: str, candidates: int = 1):
   config.train.batch_size = case.pairs
   config.output_dir = os.path.join(out, case.name)
   config.mesh.auto = candidates > 1
-  config.aot.max_candidates = max(candidates, 1)
+  config.mesh.candidates = max(candidates, 1)
   return config
 
 

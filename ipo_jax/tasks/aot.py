@@ -34,7 +34,7 @@ def identity(config: Any) -> dict[str, Any]:
   """Everything a row depends on: the model's shapes, the target and the sections the programs read."""
   return {"model": config.model.path, "dtype": config.model.dtype, "target": config.target, "programs": config.programs,
           "mesh": dict(config.mesh.shape), "mesh_auto": bool(config.mesh.auto),
-          "slice_axis": config.mesh.slice_axis, "aot": config.aot.to_dict(), "scoring.max_length":
+          "mesh_candidates": config.mesh.candidates, "slice_axis": config.mesh.slice_axis, "aot": config.aot.to_dict(), "scoring.max_length":
           config.scoring.max_length, "sampling": config.sampling.to_dict(), "data.max_length": config.data.max_length,
           "train": config.train.to_dict(), "dpo": config.dpo.to_dict(), "lora": config.lora.to_dict()}
 
@@ -105,7 +105,7 @@ def plan_program(config: Any, cfg: Any, program: str, target: Any, devices: list
                  run: RunDir) -> list[dict[str, Any]]:
   """The rows of one program: the configured mesh, or (mesh.auto) each candidate mesh; a training step escalates
   remat (minimal, full) then micro-batches until it fits (`jobs.escalations`)."""
-  shapes = (jobs.candidate_meshes(target.num_devices, cfg, config.aot.max_candidates) if config.mesh.auto
+  shapes = (jobs.candidate_meshes(target.num_devices, cfg, config.mesh.candidates) if config.mesh.auto
             else [explicit_mesh(config, target.num_devices)])
   rows = []
   for shape in shapes:
