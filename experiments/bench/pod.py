@@ -12,8 +12,9 @@ they run at), so a missed goal comes with its cause.
   python experiments/bench/pod.py --only 8b-v5e-score
       one row (names: --list).
 
-The GPU row needs the CUDA plugin (`make setup-gpu-aot`, then run this with that environment's python and
-JAX_PLATFORMS=cpu); without it the row says so. Numbers are the `aot` task's estimates (ipo_jax/aot/hlo.py,
+The GPU rows need the CUDA plugin (`make setup-gpu-aot`, then run this with that environment's python and
+JAX_PLATFORMS=cpu) and XLA's GPU target description (fetched from its pinned source, or an offline copy under
+$IPO_JAX_DATA/xla/); without the plugin the rows say so. Numbers are the `aot` task's estimates (ipo_jax/aot/hlo.py,
 METHOD), not measurements.
 """
 
