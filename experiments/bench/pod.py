@@ -2,9 +2,9 @@
 
 For each (model, target) of the grid it runs the `aot` task (configs/aot.py: the tasks' own programs compiled for
 the target's abstract devices on this host, on `--candidates` meshes, a training step escalated through remat and
-micro-batches until it fits) and prints one table: the best row of each program (the fastest per row that fits), its estimated MFU against the goal, and where the
-estimated compute time goes (the kernel kinds the TPU compiler spends most cycles on, with the fraction of peak
-they run at), so a missed goal comes with its cause.
+micro-batches until it fits) and prints one table: the best row of each program (the fastest per row that fits),
+its estimated MFU against the goal, and where the estimated compute time goes (the kernel kinds the TPU compiler
+spends most cycles on, with the fraction of peak they run at), so a missed goal comes with its cause.
 
   python experiments/bench/pod.py --out runs/bench_pod
       the whole grid: about 20 minutes of compiling on a 2-core host (the DPO steps take most); rows are kept
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from configs import aot as aot_config  # noqa: E402  pylint: disable=wrong-import-position
-from ipo_jax.aot import targets  # noqa: E402  pylint: disable=wrong-import-position
+from ipo_jax.aot import hlo, targets  # noqa: E402  pylint: disable=wrong-import-position
 from ipo_jax.tasks import aot  # noqa: E402  pylint: disable=wrong-import-position
 
 GIB = 2.0**30
@@ -89,13 +89,8 @@ def cause(row: dict) -> str:
   if row.get("collective_seconds", 0) > row.get("compute_seconds", 0):
     return (f"collective-bound: {1e3 * row['collective_seconds']:.0f} ms of collectives over "
             f"{1e3 * row['compute_seconds']:.0f} ms of compute")
-  top = [k for k in row.get("top_kernels", []) if k["kernel"] != "all matmuls"][:2]
-  matmuls = next((k for k in row.get("top_kernels", []) if k["kernel"] == "all matmuls"), None)
-  parts = [f"{k['kernel']} {100 * k['share']:.0f}%" + (f" at {100 * k['peak_fraction']:.0f}% of peak"
-                                                        if "peak_fraction" in k else "") for k in top]
-  if matmuls:
-    parts.append(f"all matmuls {100 * matmuls['share']:.0f}% at {100 * matmuls['peak_fraction']:.0f}% of peak")
-  return "; ".join(parts) or "compute (no kernel estimates on this platform: roofline)"
+  return (hlo.describe_top_kernels(row.get("top_kernels", []))
+          or "compute (no kernel estimates on this platform: roofline)")
 
 
 def table(results: list[tuple[Case, dict]]) -> str:

@@ -197,6 +197,15 @@ def top_kernels(module: hlo_module.Module, target: Target, compute_seconds: floa
   return [entry(k) for k in kinds] + ([entry("all matmuls")] if "all matmuls" in cycles else [])
 
 
+def describe_top_kernels(kernels: list[dict[str, Any]], count: int = 2) -> str:
+  """`top_kernels` in words: the `count` largest kinds and all matmuls, each with its share of the compute time and
+  the fraction of peak it runs at ("btd,df->btf dot_general 43% at 79% of peak; ...")."""
+  kinds = [k for k in kernels if k["kernel"] != "all matmuls"][:count] + [
+      k for k in kernels if k["kernel"] == "all matmuls"]
+  return "; ".join(f"{k['kernel']} {100 * k['share']:.0f}%" + (
+      f" at {100 * k['peak_fraction']:.0f}% of peak" if "peak_fraction" in k else "") for k in kinds)
+
+
 def _partition_slices(compiled: Any, target: Target, devices: list[Any] | None,
                       num_partitions: int) -> list[int] | None:
   """The slice / host of each partition id, when the program's devices are known and one per partition."""

@@ -34,9 +34,10 @@ def identity(config: Any) -> dict[str, Any]:
   """Everything a row depends on: the model's shapes, the target and the sections the programs read."""
   return {"model": config.model.path, "dtype": config.model.dtype, "target": config.target, "programs": config.programs,
           "mesh": dict(config.mesh.shape), "mesh_auto": bool(config.mesh.auto),
-          "mesh_candidates": config.mesh.candidates, "slice_axis": config.mesh.slice_axis, "aot": config.aot.to_dict(), "scoring.max_length":
-          config.scoring.max_length, "sampling": config.sampling.to_dict(), "data.max_length": config.data.max_length,
-          "train": config.train.to_dict(), "dpo": config.dpo.to_dict(), "lora": config.lora.to_dict()}
+          "mesh_candidates": config.mesh.candidates, "slice_axis": config.mesh.slice_axis, "aot": config.aot.to_dict(),
+          "scoring.max_length": config.scoring.max_length, "sampling": config.sampling.to_dict(),
+          "data.max_length": config.data.max_length, "train": config.train.to_dict(), "dpo": config.dpo.to_dict(),
+          "lora": config.lora.to_dict()}
 
 
 def programs_of(config: Any) -> list[str]:
@@ -142,7 +143,8 @@ def _ms(seconds: Any) -> str:
 
 def report_table(target: Any, cfg_name: str, rows: list[dict[str, Any]], best: dict[str, str]) -> str:
   head = ("| program | mesh d×f×t | remat / accum | batch | per-device GiB (args + temp + out) | fits | "
-          "TFLOP/device | est. compute | est. collectives | est. step | est. MFU | tok/s/chip | collectives |")
+          "TFLOP/device | est. compute | est. collectives | est. step | est. MFU | tok/s/chip | collectives | "
+          "where the estimated compute goes |")
   lines = [f"Target {target.name} ({target.num_devices} × {target.device_kind}, "
            f"{target.hbm_bytes / GIB:.2f} GiB each), model {cfg_name}.", "", head,
            "|" + "---|" * (head.count("|") - 1)]
@@ -163,7 +165,8 @@ def report_table(target: Any, cfg_name: str, rows: list[dict[str, Any]], best: d
         _ms(r.get("collective_seconds")), _ms(r.get("step_seconds")),
         _mfu(r),
         f"{r['tokens_per_s_per_chip']:.0f}" if r.get("tokens_per_s_per_chip") == r.get(
-            "tokens_per_s_per_chip") and r.get("tokens_per_s_per_chip") else "-", colls or "none"]) + " |")
+            "tokens_per_s_per_chip") and r.get("tokens_per_s_per_chip") else "-", colls or "none",
+        hlo.describe_top_kernels(r.get("top_kernels", [])) or "-"]) + " |")
   if any(_roofline(r) and r.get("mfu") for r in rows):
     lines += ["", ROOFLINE_NOTE]
   return "\n".join(lines)

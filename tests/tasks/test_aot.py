@@ -47,6 +47,9 @@ def test_aot_task_writes_the_table_and_resumes(tiny_dir, tmp_path, monkeypatch, 
   assert "| score " in printed and "tpu:v5e:2x2" in printed
   report = open(os.path.join(out, "report.md")).read()
   assert "| dpo " in report and "Time model" in report
+  top = rows["score"]["top_kernels"]  # where the estimated compute goes, written in words in the table
+  assert top[-1]["kernel"] == "all matmuls" and 0 < top[-1]["share"] <= 1 and 0 < top[-1]["peak_fraction"] <= 1
+  assert aot_task.hlo.describe_top_kernels(top) in report
   # A rerun compiles nothing: every program's row is in the run directory.
   monkeypatch.setattr(aot_task, "compile_job", lambda *a, **k: pytest.fail("recompiled a finished program"))
   main_lib.main(_argv(tiny_dir, out))
