@@ -22,8 +22,9 @@ import ml_collections
 from ipo_jax import sharding
 from ipo_jax.aot import hlo, jobs, targets
 
-# The program each task runs most. (Reward models and RM-Bench score like IPO scoring: one forward per row.)
-PROGRAMS = {"rewardbench": "score", "rmbench": "score", "rewardbench_reward_model": "score",
+# The program each task runs most (RM-Bench scores like RewardBench). A classifier reward model's program is not
+# among the `aot` jobs, so `rewardbench_reward_model` keeps every device on fsdp.
+PROGRAMS = {"rewardbench": "score", "rmbench": "score",
             "generate": "generate", "rewardbench_self_reward": "generate", "rewardbench_pairwise": "generate",
             "dpo": "dpo", "self_improve": "dpo", "sft": "sft"}
 ACCELERATOR_BATCH_TOKENS = 8192  # scoring's batch tokens on an accelerator when `scoring.batch_tokens` is 0
@@ -88,10 +89,9 @@ def _compile_candidates(config, cfg, program, devices, target, log) -> tuple[int
   best, best_cost = None, math.inf
   for shape in jobs.candidate_meshes(len(devices), cfg, limit):
     job = jobs.base_job(config, program, shape)
-    mesh = sharding.make_mesh(dict(zip(sharding.AXES, shape)), devices,
-                              slice_axis=config.mesh.get("slice_axis", "data"))
+    mesh = jobs.mesh_for(job, devices, config.mesh.get("slice_axis", "data"))
     analysis = hlo.compile_and_analyze(jobs.lowerable(config, cfg, job, mesh).lower(), target, devices)
-    cost = analysis.step_seconds / job.rows if analysis.fits and analysis.step_seconds else math.inf
+    cost = jobs.cost_per_row(analysis.fits, analysis.step_seconds, job.rows)
     log(f"mesh.auto: {job.key}: {analysis.needed_bytes / 2**30:.2f} GiB/device, "
         + (f"est. {1e3 * analysis.step_seconds:.1f} ms" if analysis.fits else "does not fit"))
     if cost < best_cost:

@@ -267,23 +267,25 @@ def flops(module: Module) -> float:
   return sum(instruction_flops(module, comp, inst) * mult for comp, inst, mult in module.instructions())
 
 
-def estimated_cycles(module: Module) -> tuple[float, int]:
-  """(sum of the TPU compiler's estimated cycles x runs over the kernels, how many kernels carried an estimate)."""
-  total, count = 0.0, 0
+def _estimated(module: Module) -> Iterator[tuple[Computation, Instruction, float, float]]:
+  """(computation, kernel, its estimated cycles, runs) of every kernel the TPU compiler gave an estimate."""
   for comp, inst, mult in module.instructions():
     cycles = None if comp.name in module.fused else inst.attr(r'"estimated_cycles":"(\d+)"')
     if cycles is not None:
-      total, count = total + int(cycles) * mult, count + 1
-  return total, count
+      yield comp, inst, float(cycles), mult
+
+
+def estimated_cycles(module: Module) -> tuple[float, int]:
+  """(sum of the TPU compiler's estimated cycles x runs over the kernels, how many kernels carried an estimate)."""
+  cycles = [c * runs for _, _, c, runs in _estimated(module)]
+  return sum(cycles), len(cycles)
 
 
 def kernel_cycles(module: Module) -> Iterator[tuple[Instruction, float, float]]:
   """(kernel, estimated cycles x runs, FLOPs x runs) of every kernel the TPU compiler estimated: a kernel's FLOPs
   are those of the instructions fused into it."""
-  for comp, inst, mult in module.instructions():
-    cycles = None if comp.name in module.fused else inst.attr(r'"estimated_cycles":"(\d+)"')
-    if cycles is not None:
-      yield inst, int(cycles) * mult, (instruction_flops(module, comp, inst) + _fused_flops(module, inst)) * mult
+  for comp, inst, cycles, runs in _estimated(module):
+    yield inst, cycles * runs, (instruction_flops(module, comp, inst) + _fused_flops(module, inst)) * runs
 
 
 def _fused_flops(module: Module, inst: Instruction) -> float:

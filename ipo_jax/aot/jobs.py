@@ -166,6 +166,12 @@ def escalations(job: Job, max_accum: int = 8) -> Iterator[Job]:
     accum *= 2
 
 
+def cost_per_row(fits: bool, step_seconds: float | None, rows: int) -> float:
+  """What the best mesh or setting minimises: the estimated step time per row (sequence, prompt or pair); infinite
+  for a program that does not fit or has no estimate."""
+  return step_seconds / max(rows, 1) if fits and step_seconds else math.inf
+
+
 def tokens_per_second(job: Job, seconds: float, num_devices: int) -> float:
   return job.tokens / seconds / num_devices if seconds and math.isfinite(seconds) else float("nan")
 

@@ -98,8 +98,8 @@ def largest_batch(config, cfg, row, target, devices, done, run) -> int:
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-  fitting = [r for r in rows if r.get("fits") and r.get("step_seconds")]
-  return min(fitting, key=lambda r: r["step_seconds"] / max(r["job"]["rows"], 1), default=None)
+  cost = lambda r: jobs.cost_per_row(bool(r.get("fits")), r.get("step_seconds"), r["job"]["rows"])
+  return min((r for r in rows if math.isfinite(cost(r))), key=cost, default=None)
 
 
 def plan_program(config: Any, cfg: Any, program: str, target: Any, devices: list[Any], done: dict[str, Any],
