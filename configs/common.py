@@ -187,8 +187,10 @@ def training() -> ConfigDict:
       "data": dict(path="", split="train", name="", eval_path="", eval_split="test", eval_fraction=0.05,
                    chat_template=True,  # plain-text prompts go through the chat template as one user turn
                    skip_invalid=False, limit=0, max_length=1024, max_prompt_length=512),
-      # The loss: sigmoid | hinge | ipo | ipo_norm; the reference precomputed once or on the fly.
-      "dpo": dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference="precomputed"),
+      # The loss: sigmoid | hinge | ipo | ipo_norm; the reference precomputed once or on the fly. shared_prompt: each
+      # pair one row, the prompt once and both responses attending to it, the LM head only on response tokens (the
+      # same log-probs as separate rows for chosen and rejected, with fewer tokens); False: the two rows.
+      "dpo": dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference="precomputed", shared_prompt=True),
       # LoRA on the named linear layers; rank 0 trains every weight.
       "lora": dict(rank=0, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down")),
       # AdamW (no decay on norms and biases), warmup then cosine/linear/constant, global-norm clipping.

@@ -70,12 +70,13 @@ def run_ours(args) -> dict:
   c.output_dir = tempfile.mkdtemp()
   c.data.update(max_length=args.seq, max_prompt_length=args.seq - 1)
   c.optim.update(learning_rate=5e-5, warmup_ratio=0.0, schedule="constant", max_grad_norm=1.0)
-  c.train.update(batch_size=args.batch, max_steps=args.warmup + args.steps, compute_dtype="float32", remat=False)
+  c.train.update(batch_size=args.batch, max_steps=args.warmup + args.steps, compute_dtype=args.compute_dtype,
+                 remat=False)
   c.eval.update(batch_size=args.batch)
   c.checkpoint.update(every=0)
   c.log.update(every=1, tensorboard=False, tqdm=False, plot=False)
   t0 = time.time()
-  _, summary = loop.train_dpo(model, pset, c)
+  _, summary = loop.train_dpo(model, pset, c, release_base=True)  # as the dpo task, which loads its own model
   total_s = time.time() - t0
   rows = [r for r in metrics.read_metrics(os.path.join(c.output_dir, metrics.METRICS_FILE)) if r["split"] == "train"]
   times = [r["step_time_s"] for r in rows]
@@ -113,7 +114,7 @@ def run_trl(args) -> dict:
   config = trl.DPOConfig(
       output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
       learning_rate=5e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-      gradient_checkpointing=False, bf16=False, use_cpu=True, precompute_ref_log_probs=True,
+      gradient_checkpointing=False, bf16=args.compute_dtype == "bfloat16", use_cpu=True, precompute_ref_log_probs=True,
       precompute_ref_batch_size=args.batch, max_length=args.seq, beta=0.1, report_to=[], logging_steps=1,
       save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True)
   trainer = trl.DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
@@ -138,6 +139,9 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (prompt + response)")
   parser.add_argument("--warmup", type=int, default=2, help="iterations left out of the median")
   parser.add_argument("--steps", type=int, default=5, help="iterations measured")
+  parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="the forward's dtype: fp32 weights and optimizer either way; bfloat16 is TRL's bf16=True "
+                           "(autocast) against ipo_jax's train.compute_dtype=bfloat16")
   parser.add_argument("--out", default="", help="write the results as JSON here")
   parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
   parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -155,13 +159,13 @@ def main() -> None:
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--worker-out", tmp.name,
              "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps",
-             str(args.steps)]
+             str(args.steps), "--compute-dtype", args.compute_dtype]
       subprocess.run(cmd, env=env, check=True)
       results[worker] = json.load(open(tmp.name, encoding="utf-8"))
   ours, theirs = results["ours"], results["trl"]
   summary = {"settings": {"batch_pairs": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
                           "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)",
-                          "precision": "float32", "device": "cpu", "cores": os.cpu_count()},
+                          "precision": args.compute_dtype, "device": "cpu", "cores": os.cpu_count()},
              "ipo_jax": ours, "trl": theirs, "speedup": theirs["median_step_s"] / ours["median_step_s"],
              "rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"]}
   print(f"{'':10s} {'median step':>12s} {'first step':>11s} {'RSS after load':>15s} {'peak RSS':>10s}  lengths")

@@ -81,8 +81,38 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _dense(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
-  """A projection accumulated in fp32 and returned in x's dtype (on CPU also the fast bf16 GEMM path)."""
+  """A projection accumulated in fp32 and returned in x's dtype (on CPU also the fast bf16 GEMM path). `spec`
+  contracts x's last axis with w's first. On a CPU mesh its gradient is `_cpu_dense`'s."""
+  if platform() == "cpu":
+    return _cpu_dense(x, w)
   return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _cpu_dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., I] @ w [I, O] -> [..., O] with the weight gradient written as one [I, T] x [T, O] product.
+
+  Autodiff of the einsum computes the weight gradient as (dy^T x)^T, for which XLA's CPU backend lays out dy
+  transposed and fuses that transposition into the elementwise op producing dy (the SiLU backward, the MLP
+  product), where it runs several times slower than the product itself (8 ms of a 2 ms GEMM per weight per layer,
+  SmolLM2-135M DPO). Written as x^T dy, the operands keep their layouts: the gradients are the same, and a
+  135M-parameter forward and backward takes 0.65x the time."""
+  return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _cpu_dense_fwd(x, w):
+  return _cpu_dense(x, w), (x, w)
+
+
+def _cpu_dense_bwd(res, dy):
+  x, w = res
+  dx = jnp.einsum("...o,io->...i", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  rows = lambda a: a.reshape(-1, a.shape[-1])
+  dw = jnp.einsum("ti,to->io", rows(x), rows(dy), preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw
+
+
+_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
 
 
 def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:

@@ -95,6 +95,7 @@ class Job:
   reference_params: transformer.Params | None
   run: RunDir | None
   checked: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's data checks (summary)
+  release_base: bool = False  # the base params may be freed once the state holds its own copy (`init`)
 
 
 @dataclasses.dataclass
@@ -183,9 +184,12 @@ def _guard(job: Job, history: list[float], checkpoints: str) -> guards.Guard:
 
 
 def init(model: Any, data: Any, config: Any, objective: Any = DPO, *, eval_data: Any = None,
-         reference_params: Any = None, run: RunDir | None = None, model_id: Mapping[str, Any] | None = None) -> Job:
+         reference_params: Any = None, run: RunDir | None = None, model_id: Mapping[str, Any] | None = None,
+         release_base: bool = False) -> Job:
   """Settings, data, batching and the run directory (checked before anything is written), then the steps.
-  `model_id`: the model in the run's identity (default: its name)."""
+  `model_id`: the model in the run's identity (default: its name). `release_base`: the caller will not use
+  `model.params` again; full fine-tuning with a precomputed reference then trains in their buffers (donated to the
+  first state, or deleted on resume) instead of keeping them beside the trained copy."""
   guards.check_settings(config)
   mesh = getattr(model, "mesh", None) or runtime.mesh_from_config(config)
   s = objective.settings(config)
@@ -207,7 +211,8 @@ def init(model: Any, data: Any, config: Any, objective: Any = DPO, *, eval_data:
   steps = build_steps(model.config, s, opt, model.params, frozen is not None, mesh)
   return Job(config=config, objective=objective, cfg=model.config, s=s, mesh=mesh, steps=steps, train_set=train_set,
              eval_set=eval_set, pad_id=chat.pad_id(tokenizer), micro=micro, per_epoch=per_epoch, total=total,
-             base=model.params, frozen=frozen, reference_params=reference_params, run=run, checked=checked)
+             base=model.params, frozen=frozen, reference_params=reference_params, run=run, checked=checked,
+             release_base=release_base and frozen is None and s.lora is None)
 
 
 def restore_or_init(job: Job) -> Progress:
@@ -229,8 +234,14 @@ def restore_or_init(job: Job) -> Progress:
     history = [r["loss"] for r in read_metrics(job.run.file(METRICS_FILE))
                if r["split"] == "train" and r["step"] <= latest and "loss" in r]
   else:
+    init_state = job.steps.init_donating if job.release_base else job.steps.init
     with jax.set_mesh(job.mesh):
-      state = job.steps.init(job.base, jax.random.key_data(jax.random.key(int(job.config.seed))))
+      state = init_state(job.base, jax.random.key_data(jax.random.key(int(job.config.seed))))
+  if job.release_base:  # the reference pass is done and nothing else reads the base: free it
+    for x in jax.tree.leaves(job.base):
+      if not x.is_deleted():
+        x.delete()
+    job.base = None
   log = MetricsLog(job.run.path if job.run else None, bool(job.config.log.tensorboard))
   if latest is None and prepared.get("eval_initial"):  # the held-out metrics before training (SFT)
     log.write("eval", 0, prepared["eval_initial"])
@@ -330,15 +341,17 @@ def finalize(job: Job, p: Progress) -> tuple[transformer.Params, dict[str, Any]]
 
 
 def train(model: Any, data: Any, config: Any, objective: Any = DPO, *, eval_data: Any = None,
-          reference_params: Any = None, run: RunDir | None = None) -> tuple[transformer.Params, dict[str, Any]]:
+          reference_params: Any = None, run: RunDir | None = None, release_base: bool = False
+          ) -> tuple[transformer.Params, dict[str, Any]]:
   """Trains `model` on `data` under `objective`; returns the final policy params (LoRA merged, fp32) and a
-  summary. `model.params` is not modified."""
-  job = init(model, data, config, objective, eval_data=eval_data, reference_params=reference_params, run=run)
+  summary. `model.params` is not modified, unless `release_base` (see `init`): then it may be freed."""
+  job = init(model, data, config, objective, eval_data=eval_data, reference_params=reference_params, run=run,
+             release_base=release_base)
   return finalize(job, fit(job, restore_or_init(job)))
 
 
 def train_dpo(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None, reference_params: Any = None,
-              run: RunDir | None = None) -> tuple[transformer.Params, dict[str, Any]]:
+              run: RunDir | None = None, release_base: bool = False) -> tuple[transformer.Params, dict[str, Any]]:
   """Trains `model` with DPO on `pairs`; returns the final policy params (LoRA merged, fp32) and a summary.
 
   The reference is `model` itself unless `reference_params` (same architecture and mesh, e.g. the initial policy of
@@ -346,7 +359,8 @@ def train_dpo(model: Any, pairs: Any, config: Any, *, eval_pairs: Any = None, re
   (sections data, dpo, lora, optim, train, eval, checkpoint, log, plus output_dir, overwrite and seed). The outputs
   go to `run`, else to `config.output_dir` (see the module docstring).
   """
-  return train(model, pairs, config, DPO, eval_data=eval_pairs, reference_params=reference_params, run=run)
+  return train(model, pairs, config, DPO, eval_data=eval_pairs, reference_params=reference_params, run=run,
+               release_base=release_base)
 
 
 def train_sft(model: Any, examples: Any, config: Any, *, eval_examples: Any = None, run: RunDir | None = None
@@ -367,10 +381,11 @@ def run_task(config: Any, objective: Any, model: Any = None, sets: tuple[Any, An
   if not config.get("output_dir"):
     raise ValueError(f"output_dir is required for task {objective.task}")
   guards.check_settings(config)
+  own_model = model is None  # loaded here: its weights are the trainer's to free once trained in place
   model = model or runtime.load_model_from_config(config, runtime.mesh_from_config(config))
   train_set, eval_set = sets or load_splits(config, model.tokenizer, objective)
   model_id = {"path": config.model.path, "dtype": config.model.get("dtype", "float32")}
-  job = init(model, train_set, config, objective, eval_data=eval_set, model_id=model_id)
+  job = init(model, train_set, config, objective, eval_data=eval_set, model_id=model_id, release_base=own_model)
   job.run.write_json("config.json", config.to_dict())
   runtime.log(f"{objective.task}: {model.name}, {len(train_set)} train / {len(eval_set) if eval_set else 0} eval "
               f"{objective.unit}, {'LoRA r=' + str(config.lora.rank) if config.lora.rank else 'full fine-tuning'}")

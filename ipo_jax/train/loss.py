@@ -1,8 +1,10 @@
 """The DPO objective: preference losses and the sequence log-probabilities they compare.
 
-A batch holds pairs: `input_ids`, `attention_mask` and `loss_mask` of shape [B, 2, T], index 0 of the pair axis
-the chosen response and 1 the rejected one, each row prompt + response (right-padded). `loss_mask` marks the
-response tokens whose log-probabilities are summed. Both members of a pair go through one forward as 2B rows.
+A batch holds pairs in one of two layouts (ipo_jax/train/pairs.py). Separate rows: `input_ids`, `attention_mask`
+and `loss_mask` of shape [B, 2, T], index 0 of the pair axis the chosen response and 1 the rejected one, each row
+prompt + response (right-padded), `loss_mask` on the response tokens whose log-probabilities are summed; both members
+go through one forward as 2B rows. Shared prompt (`branch_ids` in the batch): one row per pair, the prompt once and
+each response a branch attending to it, and the LM head only at the [B, K] `target_pos` slots.
 """
 
 from __future__ import annotations
@@ -128,11 +130,20 @@ def sequence_logps(params: transformer.Params, cfg: ModelConfig, input_ids: jax.
 
 def pair_logps(params: transformer.Params, cfg: ModelConfig, batch: dict[str, Any], *, vocab_chunk: int = 8192,
                remat: bool | str = False) -> jax.Array:
-  """[B, 2] summed response log-probs of (chosen, rejected), both in one forward of 2B rows."""
-  return sequence_logps(params, cfg, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                        vocab_chunk=vocab_chunk, remat=remat)
+  """[B, 2] summed response log-probs of (chosen, rejected): one forward of 2B rows, or of B shared-prompt rows."""
+  if "branch_ids" not in batch:
+    return sequence_logps(params, cfg, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                          vocab_chunk=vocab_chunk, remat=remat)
+  hidden, _ = transformer.forward(params, cfg, batch["input_ids"], segment_ids=batch["segment_ids"],
+                                  branch_ids=batch["branch_ids"], remat=remat)
+  hidden = jnp.take_along_axis(hidden, batch["target_pos"][..., None], axis=1)  # [B, K, D]
+  logps = token_logps(params, cfg, hidden, batch["target_ids"], vocab_chunk=vocab_chunk)
+  member = batch["target_member"]
+  return jnp.stack([jnp.where(member == j, logps, 0.0).sum(-1) for j in (1, 2)], axis=-1)
 
 
 def response_lengths(batch: dict[str, Any]) -> jax.Array:
-  """[B, 2] number of response tokens of (chosen, rejected)."""
+  """[B, 2] number of response tokens of (chosen, rejected), in either layout ([B] for SFT's [B, T] rows)."""
+  if "target_member" in batch:
+    return jnp.stack([(batch["target_member"] == j).sum(-1) for j in (1, 2)], axis=-1).astype(jnp.float32)
   return batch["loss_mask"][..., 1:].astype(jnp.float32).sum(-1)

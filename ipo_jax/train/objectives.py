@@ -36,7 +36,7 @@ def all_logps(fn: Any, dataset: Any, job: Any) -> tuple[np.ndarray, np.ndarray]:
     with jax.set_mesh(job.mesh):
       out = fn({k: sharding.to_global(v, shard) for k, v in batch.items()})
     logps.append(np.asarray(out)[:count])
-    lengths.append(batch["loss_mask"][:count, ..., 1:].sum(-1))
+    lengths.append(np.asarray(loss_lib.response_lengths(batch))[:count])
   return np.concatenate(logps).astype(np.float32), np.concatenate(lengths).astype(np.float32)
 
 
@@ -97,15 +97,21 @@ class DPO(Objective):
                   "rejected and carry no preference (summary: pairs_identical)")
     return {"pairs_identical": identical}
 
+  def _shared_prompt(self, job: Any) -> bool:
+    return bool(job.config.dpo.get("shared_prompt", True))
+
   def collate(self, job: Any, dataset: pairs_lib.PreferenceSet, indices: Any) -> dict[str, np.ndarray]:
+    """`dpo.shared_prompt`: one row per pair, the prompt once (`pairs.collate_shared`); else [B, 2, T]."""
     d = job.config.data
-    return pairs_lib.collate(dataset, indices, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                             pad_id=job.pad_id)
+    layout = pairs_lib.collate_shared if self._shared_prompt(job) else pairs_lib.collate
+    return layout(dataset, indices, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                  pad_id=job.pad_id)
 
   def in_order(self, job: Any, dataset: pairs_lib.PreferenceSet):
     d = job.config.data
     return pairs_lib.in_order(dataset, job.config.eval.batch_size, max_length=d.max_length,
-                              max_prompt_length=d.max_prompt_length, pad_id=job.pad_id)
+                              max_prompt_length=d.max_prompt_length, pad_id=job.pad_id,
+                              shared_prompt=self._shared_prompt(job))
 
   def add_to_batch(self, job: Any, batch: dict[str, np.ndarray], indices: Any, prepared: dict[str, Any]) -> None:
     if prepared.get("train") is not None:
@@ -129,7 +135,8 @@ class DPO(Objective):
       weights_sum = float(job.steps.checksum(weights))
     key = json.dumps({name: pset.fingerprint() for name, pset in sets.items()} | {
         "weights": weights_sum, "dtype": job.s.compute_dtype, "lora": job.s.lora is not None,
-        "max_length": data.max_length, "max_prompt_length": data.max_prompt_length})
+        "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+        "shared_prompt": self._shared_prompt(job)})
     path = job.run.file(REFERENCE_FILE) if job.run else None
     if path and job.run.done("reference") and os.path.exists(path):
       with np.load(path) as cached:

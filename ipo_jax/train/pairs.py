@@ -11,8 +11,10 @@ and its response as one assistant turn when `chat_template` is on (for instruct 
 is tokenized as is (with the tokenizer's special tokens) and the response gets the EOS token.
 
 A batch pairs (chosen, rejected) on axis 1: `input_ids`, `attention_mask`, `loss_mask` [B, 2, T], right-padded to a
-power-of-two length bucket, `loss_mask` on the response tokens. Over-long pairs keep the prompt's last
-`max_prompt_length` tokens, then cut the response at `max_length`.
+power-of-two length bucket, `loss_mask` on the response tokens (`collate`). Or one row per pair, the prompt once
+(`collate_shared`, the trainer's default): prompt, chosen, rejected and padding in [B, L], with the positions whose
+next-token log-probs the loss sums listed in [B, K]. Over-long pairs keep the prompt's last `max_prompt_length`
+tokens, then cut each response at `max_length` (prompt + response), in both layouts.
 """
 
 from __future__ import annotations
@@ -168,30 +170,40 @@ def load(path: str, tokenizer: Any, *, split: str = "train", name: str | None = 
   return tokenize_rows(rows, tokenizer, source=path, chat_template=chat_template, skip_invalid=skip_invalid)
 
 
-def bucket_length(n: int, max_length: int, minimum: int = 16) -> int:
-  """The padded length for a longest row of `n` tokens: the next power of two, at most `max_length`."""
-  return min(max_length, max(minimum, 1 << max(n - 1, 0).bit_length()))
+def bucket_length(n: int, max_length: int, minimum: int = 16, fine: bool = False) -> int:
+  """The padded length for a longest row of `n` tokens: the next power of two (`fine`: the next of 2^k and
+  1.5 x 2^k, two programs per octave), at most `max_length`."""
+  up = 1 << max(n - 1, 0).bit_length()
+  if fine and n <= 3 * up // 4:
+    up = 3 * up // 4
+  return min(max_length, max(minimum, up))
 
 
 def identical_pairs(pset: PreferenceSet, *, max_length: int, max_prompt_length: int) -> int:
-  """How many pairs have the same chosen and rejected tokens within the budget `collate` keeps."""
-  count = 0
-  for prompt, chosen, rejected in zip(pset.prompt_ids, pset.chosen_ids, pset.rejected_ids):
-    room = max_length - len(prompt[-max_prompt_length:])
-    count += bool(np.array_equal(chosen[:room], rejected[:room]))
-  return count
+  """How many pairs have the same chosen and rejected tokens within the budget the batches keep."""
+  return sum(bool(np.array_equal(chosen, rejected))
+             for _, chosen, rejected in truncated(pset, range(len(pset)), max_length, max_prompt_length))
+
+
+def truncated(pset: PreferenceSet, indices: Sequence[int], max_length: int, max_prompt_length: int
+              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """(prompt, chosen, rejected) of the rows `indices` within the budget: the prompt's last `max_prompt_length`
+  tokens, each response cut so that prompt + response is at most `max_length`."""
+  if not 0 < max_prompt_length < max_length:
+    raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+  out = []
+  for i in indices:
+    prompt = pset.prompt_ids[i][-max_prompt_length:]
+    room = max_length - len(prompt)
+    out.append((prompt, pset.chosen_ids[i][:room], pset.rejected_ids[i][:room]))
+  return out
 
 
 def collate(pset: PreferenceSet, indices: Sequence[int], *, max_length: int, max_prompt_length: int,
             pad_id: int = 0, length: int | None = None) -> dict[str, np.ndarray]:
   """A [B, 2, T] batch of the rows `indices` (T: `length`, else the bucket of the longest row)."""
-  if not 0 < max_prompt_length < max_length:
-    raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
-  seqs = []
-  for i in indices:
-    prompt = pset.prompt_ids[i][-max_prompt_length:]
-    room = max_length - len(prompt)
-    seqs.append([(prompt, pset.chosen_ids[i][:room]), (prompt, pset.rejected_ids[i][:room])])
+  seqs = [[(prompt, chosen), (prompt, rejected)]
+          for prompt, chosen, rejected in truncated(pset, indices, max_length, max_prompt_length)]
   longest = max(len(p) + len(r) for pair in seqs for p, r in pair)
   t = length or bucket_length(longest, max_length)
   ids = np.full((len(seqs), 2, t), pad_id, np.int32)
@@ -204,6 +216,38 @@ def collate(pset: PreferenceSet, indices: Sequence[int], *, max_length: int, max
       attention[b, j, :n + m] = 1
       loss[b, j, n:n + m] = 1
   return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
+def collate_shared(pset: PreferenceSet, indices: Sequence[int], *, max_length: int, max_prompt_length: int,
+                   pad_id: int = 0) -> dict[str, np.ndarray]:
+  """One row per pair, the prompt once: `input_ids` [B, L] = prompt, chosen, rejected, padding; `segment_ids`
+  (1 on the pair's tokens, 0 on padding), `branch_ids` (0 prompt, 1 chosen, 2 rejected: a response attends to the
+  prompt and itself, and its positions continue from the prompt's end), `attention_mask` (a real token).
+
+  The loss's positions [B, K]: `target_pos` (the slot whose next-token distribution predicts the token: the prompt's
+  last slot for each response's first token), `target_ids` (the token) and `target_member` (1 chosen, 2 rejected,
+  0 padding). L and K are buckets (`bucket_length(fine=True)`) of the batch's longest pair and longest pair of
+  responses, so the forward runs each prompt once and the LM head only where a log-prob is summed."""
+  rows = truncated(pset, indices, max_length, max_prompt_length)
+  t = bucket_length(max(len(p) + len(c) + len(r) for p, c, r in rows), 2 * max_length, fine=True)
+  k = bucket_length(max(len(c) + len(r) for _, c, r in rows), 2 * max_length, fine=True)
+  b = len(rows)
+  ids, segments, branches = (np.full((b, t), pad_id, np.int32), np.zeros((b, t), np.int32),
+                             np.zeros((b, t), np.int32))
+  target_pos, target_ids, member = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32), np.zeros((b, k), np.int32)
+  for i, (prompt, chosen, rejected) in enumerate(rows):
+    n = len(prompt)
+    ids[i, :n], segments[i, :n] = prompt, 1
+    start, slot = n, 0
+    for branch, response in ((1, chosen), (2, rejected)):
+      m = len(response)
+      ids[i, start:start + m], segments[i, start:start + m], branches[i, start:start + m] = response, 1, branch
+      # token j of the response is predicted at the slot before it in its branch: the prompt's last for j = 0
+      target_pos[i, slot:slot + m] = np.concatenate([[n - 1], np.arange(start, start + m - 1)])
+      target_ids[i, slot:slot + m], member[i, slot:slot + m] = response, branch
+      start, slot = start + m, slot + m
+  return {"input_ids": ids, "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
+          "branch_ids": branches, "target_pos": target_pos, "target_ids": target_ids, "target_member": member}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,10 +278,13 @@ def split_train_eval(pset: PreferenceSet, fraction: float, seed: int) -> tuple[P
   return pset.subset(np.sort(order[n_eval:])), pset.subset(np.sort(order[:n_eval]))
 
 
-def in_order(pset: PreferenceSet, batch_size: int, *, max_length: int, max_prompt_length: int, pad_id: int = 0):
-  """Every pair once in order, in [batch_size] batches (the last one filled with pair 0); yields (batch, count)."""
+def in_order(pset: PreferenceSet, batch_size: int, *, max_length: int, max_prompt_length: int, pad_id: int = 0,
+             shared_prompt: bool = False):
+  """Every pair once in order, in [batch_size] batches (the last one filled with pair 0; `shared_prompt`: laid out
+  by `collate_shared`, else `collate`); yields (batch, count)."""
+  layout = collate_shared if shared_prompt else collate
   for start in range(0, len(pset), batch_size):
     idx = list(range(start, min(start + batch_size, len(pset))))
     count = len(idx)
     idx += [0] * (batch_size - count)
-    yield collate(pset, idx, max_length=max_length, max_prompt_length=max_prompt_length, pad_id=pad_id), count
+    yield layout(pset, idx, max_length=max_length, max_prompt_length=max_prompt_length, pad_id=pad_id), count

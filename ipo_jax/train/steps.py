@@ -207,6 +207,7 @@ class Steps(NamedTuple):
   """A run's jitted steps, static arguments bound."""
 
   init: Any  # (base, key_data [2]) -> TrainState
+  init_donating: Any  # the same, the base's buffers donated (full fine-tuning trains in them)
   train: Any  # (state, frozen, batch [A, B, ...]) -> (state, metrics)
   policy_logps: Any  # (trainable, frozen, batch [B, ...]) -> [B, 2]
   base_logps: Any  # LoRA only: (frozen, batch) -> [B, 2] with adapters off
@@ -244,6 +245,8 @@ def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer
   accum_shards = NamedSharding(mesh, P(None, sharding.BATCH))
   jit = functools.partial(sharding.jit, mesh=mesh)
   init = jit(init_state, in_shardings=(base_shards, rep), out_shardings=state_shards, static_argnums=(0, 1))
+  init_donating = jit(init_state, in_shardings=(base_shards, rep), out_shardings=state_shards, static_argnums=(0, 1),
+                      donate_argnums=(2,))
   train = jit(train_step, in_shardings=(state_shards, frozen_shards, accum_shards),
               out_shardings=(state_shards, rep), static_argnums=(0, 1, 2), donate_argnums=(3,))
   policy = jit(logps_step, in_shardings=(state_shards.params, frozen_shards, batch_shards), out_shardings=rep,
@@ -254,7 +257,7 @@ def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer
                                     static_argnums=(0, 1)), s, cfg)
   final = jit(final_params, in_shardings=(state_shards.params, base_shards),
               out_shardings=state_shards.params if s.lora is None else base_shards, static_argnums=(0,))
-  return Steps(init=functools.partial(init, s, opt), train=functools.partial(train, s, cfg, opt),
+  return Steps(init=functools.partial(init, s, opt), init_donating=functools.partial(init_donating, s, opt), train=functools.partial(train, s, cfg, opt),
                policy_logps=functools.partial(policy, s, cfg), base_logps=base_fn, final=functools.partial(final, s),
                checksum=jit(checksum, in_shardings=(base_shards,), out_shardings=rep),
                state_shardings=state_shards, state_shapes=state_shapes)

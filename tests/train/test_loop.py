@@ -135,6 +135,24 @@ def test_reference_params_replace_the_initial_policy(trained, tmp_path):
     loop.train_dpo(_toy_model(), pairs, config, reference_params=trained.params)
 
 
+def test_released_base_and_separate_rows_train_the_same_policy(trained, tmp_path):
+  """`release_base` (the dpo task's own model) trains in the base's buffers and frees them; `dpo.shared_prompt=False`
+  (chosen and rejected as separate rows) trains the same policy as the default shared-prompt rows."""
+  model = _toy_model()
+  params, _ = loop.train_dpo(model, synthetic_pairs(64, seed=0), train_config(str(tmp_path / "released"), STEPS),
+                             eval_pairs=synthetic_pairs(16, seed=1), release_base=True)
+  assert all(x.is_deleted() for x in jax.tree.leaves(model.params))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  separate = train_config(str(tmp_path / "separate"), STEPS)
+  separate.dpo.shared_prompt = False
+  params, summary = loop.train_dpo(_toy_model(), synthetic_pairs(64, seed=0), separate,
+                                   eval_pairs=synthetic_pairs(16, seed=1))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+  assert math.isclose(summary["eval"]["loss"], trained.summary["eval"]["loss"], abs_tol=1e-4)
+
+
 def test_stop_and_resume_equals_uninterrupted(trained, tmp_path):
   out = str(tmp_path / "resumed")
   interrupted = train_config(out, STEPS)

@@ -219,3 +219,30 @@ def test_gradients_through_the_model_match_the_full_log_softmax():
   # `remat` wraps the layer body in one more jax.checkpoint (the vocabulary chunks always are).
   count = lambda remat: str(jax.make_jaxpr(lambda p: ours(p, remat))(params)).count("remat2[")
   assert count(True) == count(False) + 1
+
+
+def test_shared_prompt_rows_give_the_separate_rows_log_probs_and_gradients():
+  """One row per pair (prompt once, responses as branches, LM head at the target slots) equals the [B, 2, T] layout:
+  log-probs, response lengths and the gradient of a loss over both, with truncation and uneven lengths."""
+  from ipo_jax.train import pairs as pairs_lib  # pylint: disable=import-outside-toplevel
+  cfg = _tiny()
+  params = transformer.init_params(cfg, jax.random.key(0), scale=0.3)
+  rng = np.random.default_rng(1)
+  draw = lambda n: rng.integers(1, 101, n).astype(np.int32)
+  pset = pairs_lib.PreferenceSet([draw(5), draw(2), draw(9)], [draw(4), draw(7), draw(3)],
+                                 [draw(6), draw(1), draw(8)])
+  kw = dict(max_length=12, max_prompt_length=6, pad_id=0)  # row 2's prompt and chosen are cut
+  sep, shared = pairs_lib.collate(pset, [0, 1, 2], **kw), pairs_lib.collate_shared(pset, [0, 1, 2], **kw)
+  assert shared["input_ids"].shape[0] == 3 and shared["target_pos"].shape[1] >= 12
+  np.testing.assert_array_equal(loss_lib.response_lengths(shared), loss_lib.response_lengths(sep))
+  weights = jnp.asarray([[1.0, -0.5], [0.3, 2.0], [-1.0, 0.7]])
+
+  @jax.jit
+  def value_and_grad(p, b):
+    f = lambda p: (loss_lib.pair_logps(p, cfg, b, vocab_chunk=16) * weights).sum()
+    return loss_lib.pair_logps(p, cfg, b, vocab_chunk=16), jax.grad(f)(p)
+
+  (want, g_want), (got, g_got) = value_and_grad(params, sep), value_and_grad(params, shared)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

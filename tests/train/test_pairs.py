@@ -140,3 +140,27 @@ def test_collate_pads_truncates_and_masks():
   assert [pairs.bucket_length(n, 512) for n in (1, 17, 64, 65, 500)] == [16, 32, 64, 128, 512]
   with pytest.raises(ValueError, match="max_prompt_length"):
     pairs.collate(pset, [0], max_length=8, max_prompt_length=8)
+
+
+def test_collate_shared_lays_out_one_row_per_pair_with_the_loss_positions():
+  pset = pairs.PreferenceSet(
+      prompt_ids=[np.arange(1, 4), np.arange(10, 20)], chosen_ids=[np.array([4, 5]), np.arange(30, 50)],
+      rejected_ids=[np.array([6]), np.array([7, 8])])
+  batch = pairs.collate_shared(pset, [0, 1], max_length=16, max_prompt_length=6, pad_id=0)
+  # Row 1: prompt 14..19 (its last 6), chosen cut to 10 tokens, rejected 2: 18 tokens -> bucket 24; 12 targets -> 16 (the smallest bucket).
+  assert batch["input_ids"].shape == (2, 24) and batch["target_pos"].shape == (2, 16)
+  np.testing.assert_array_equal(batch["input_ids"][0, :7], [1, 2, 3, 4, 5, 6, 0])
+  np.testing.assert_array_equal(batch["branch_ids"][0, :7], [0, 0, 0, 1, 1, 2, 0])
+  np.testing.assert_array_equal(batch["segment_ids"][0, :7], [1, 1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(batch["attention_mask"][0, :7], [1, 1, 1, 1, 1, 1, 0])
+  # chosen 4 <- slot 2 (the prompt's last), 5 <- slot 3; rejected 6 <- slot 2 again
+  np.testing.assert_array_equal(batch["target_pos"][0, :4], [2, 3, 2, 0])
+  np.testing.assert_array_equal(batch["target_ids"][0, :4], [4, 5, 6, 0])
+  np.testing.assert_array_equal(batch["target_member"][0, :4], [1, 1, 2, 0])
+  np.testing.assert_array_equal(batch["input_ids"][1, :18], list(range(14, 20)) + list(range(30, 40)) + [7, 8])
+  np.testing.assert_array_equal(batch["target_pos"][1, 9:12], [14, 5, 16])
+  assert (batch["target_member"][1] == 1).sum() == 10 and (batch["target_member"][1] == 2).sum() == 2
+  assert [pairs.bucket_length(n, 512, fine=True) for n in (1, 17, 24, 25, 33, 48, 49, 500)] == \
+      [16, 24, 24, 32, 48, 48, 64, 512]
+  with pytest.raises(ValueError, match="max_prompt_length"):
+    pairs.collate_shared(pset, [0], max_length=8, max_prompt_length=8)
