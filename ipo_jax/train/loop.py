@@ -212,7 +212,7 @@ def init(model: Any, data: Any, config: Any, objective: Any = DPO, *, eval_data:
   return Job(config=config, objective=objective, cfg=model.config, s=s, mesh=mesh, steps=steps, train_set=train_set,
              eval_set=eval_set, pad_id=chat.pad_id(tokenizer), micro=micro, per_epoch=per_epoch, total=total,
              base=model.params, frozen=frozen, reference_params=reference_params, run=run, checked=checked,
-             release_base=release_base and frozen is None and s.lora is None)
+             release_base=release_base and frozen is None)  # frozen: LoRA or the on-the-fly reference
 
 
 def restore_or_init(job: Job) -> Progress:

@@ -100,18 +100,19 @@ class DPO(Objective):
   def _shared_prompt(self, job: Any) -> bool:
     return bool(job.config.dpo.get("shared_prompt", True))
 
-  def collate(self, job: Any, dataset: pairs_lib.PreferenceSet, indices: Any) -> dict[str, np.ndarray]:
+  def _layout(self, job: Any) -> Any:
     """`dpo.shared_prompt`: one row per pair, the prompt once (`pairs.collate_shared`); else [B, 2, T]."""
+    return pairs_lib.collate_shared if self._shared_prompt(job) else pairs_lib.collate
+
+  def collate(self, job: Any, dataset: pairs_lib.PreferenceSet, indices: Any) -> dict[str, np.ndarray]:
     d = job.config.data
-    layout = pairs_lib.collate_shared if self._shared_prompt(job) else pairs_lib.collate
-    return layout(dataset, indices, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                  pad_id=job.pad_id)
+    return self._layout(job)(dataset, indices, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                             pad_id=job.pad_id)
 
   def in_order(self, job: Any, dataset: pairs_lib.PreferenceSet):
     d = job.config.data
     return pairs_lib.in_order(dataset, job.config.eval.batch_size, max_length=d.max_length,
-                              max_prompt_length=d.max_prompt_length, pad_id=job.pad_id,
-                              shared_prompt=self._shared_prompt(job))
+                              max_prompt_length=d.max_prompt_length, pad_id=job.pad_id, layout=self._layout(job))
 
   def add_to_batch(self, job: Any, batch: dict[str, np.ndarray], indices: Any, prepared: dict[str, Any]) -> None:
     if prepared.get("train") is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -279,10 +279,9 @@ def split_train_eval(pset: PreferenceSet, fraction: float, seed: int) -> tuple[P
 
 
 def in_order(pset: PreferenceSet, batch_size: int, *, max_length: int, max_prompt_length: int, pad_id: int = 0,
-             shared_prompt: bool = False):
-  """Every pair once in order, in [batch_size] batches (the last one filled with pair 0; `shared_prompt`: laid out
-  by `collate_shared`, else `collate`); yields (batch, count)."""
-  layout = collate_shared if shared_prompt else collate
+             layout: Callable[..., dict[str, np.ndarray]] = collate):
+  """Every pair once in order, in [batch_size] batches (the last one filled with pair 0) laid out by `layout`
+  (`collate` or `collate_shared`); yields (batch, count)."""
   for start in range(0, len(pset), batch_size):
     idx = list(range(start, min(start + batch_size, len(pset))))
     count = len(idx)
