@@ -4,10 +4,12 @@
   python experiments/bench/generation.py --prompts 8 --max-new-tokens 64   # a quicker look
 
 Each implementation runs in its own process (so peak RSS is its own) on the same chat-formatted prompts, all in
-one batch: sampled (temperature 0.7, top-p 0.9, N samples per prompt) and greedy (one sample). Throughput counts
-generated tokens (up to and including the EOS) per second of wall time; for ipo_jax the compilation time (from
-JAX's compile events) is reported apart and left out. Sampled runs draw different tokens in the two libraries, so
-compare tokens/s, not seconds. `--dtype bfloat16` runs both in bf16 (ipo_jax accumulates in fp32).
+one batch: sampled (temperature 0.7, top-p 0.9, N samples per prompt) and greedy (one sample). Each mode runs
+twice, the first call untimed (for ipo_jax it traces and compiles the program; its time and the compilation's,
+from JAX's events, are printed apart), and throughput is the second call's: generated tokens (up to and including
+the EOS) per second of wall time. Sampled runs draw different tokens in the two libraries, so rows end at
+different steps: ms per decode step (the call's time over its longest row's tokens, the steps the batch ran) is the
+like-for-like figure, printed beside. `--dtype bfloat16` runs both in bf16 (ipo_jax accumulates in fp32).
 
 The weight-streaming bound: every decode step reads all the weights once, so a step cannot take less than
 (bytes of weights) / (memory bandwidth), the bandwidth measured in the same process (the best of a few jitted
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import time
 
+COMPILE_EVENTS = ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration", "backend_compile_duration")
 MODES = {"sampled": dict(temperature=0.7, top_p=0.9), "greedy": dict(temperature=0.0)}
 
 
@@ -64,9 +67,9 @@ def run_jax(args) -> dict:
   import jax
   from ipo_jax.model import loading
   from ipo_jax.sample import engine
-  compile_s = []
+  compile_s = []  # tracing, lowering and compiling a program
   jax.monitoring.register_event_duration_secs_listener(
-      lambda name, secs, **_: compile_s.append(secs) if name.endswith("backend_compile_duration") else None)
+      lambda name, secs, **_: compile_s.append(secs) if name.endswith(COMPILE_EVENTS) else None)
   model = loading.load_model(args.model, dtype=args.dtype)
   weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
   bandwidth = read_bandwidth()
@@ -77,12 +80,16 @@ def run_jax(args) -> dict:
                                      num_samples=args.samples if mode == "sampled" else 1, **settings)
     compile_s.clear()
     start = time.perf_counter()
+    engine.generate(model, prompts, sampling, 0, batch_size=len(prompts), progress=False)  # compiles: untimed
+    first_s, compiled_s = time.perf_counter() - start, sum(compile_s)
+    start = time.perf_counter()
     out = engine.generate(model, prompts, sampling, 0, batch_size=len(prompts), progress=False)
-    seconds = time.perf_counter() - start - sum(compile_s)
+    seconds = time.perf_counter() - start
     tokens = sum(len(g.token_ids) for gens in out for g in gens)
     steps = max(len(g.token_ids) for gens in out for g in gens)  # one batch: the loop runs until its longest row ends
     results[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                     "compile_s": sum(compile_s), "steps": steps, "step_ms": seconds / steps * 1e3,
+                     "compile_s": compiled_s, "first_call_s": first_s, "steps": steps,
+                     "step_ms": seconds / steps * 1e3,
                      "bound_fraction": steps * weight_bytes / bandwidth / seconds}
   results["compilations"] = engine.num_compilations()
   results["weight_bytes"], results["bandwidth"] = weight_bytes, bandwidth
@@ -109,16 +116,22 @@ def run_hf(args) -> dict:
     n = args.samples if mode == "sampled" else 1
     extra = dict(do_sample=True, top_k=0, num_return_sequences=n, **settings) if mode == "sampled" else dict(
         do_sample=False)
+    start = time.perf_counter()
+    with torch.no_grad():  # the same call once untimed, as ipo_jax's compiling call
+      model.generate(**batch, max_new_tokens=args.max_new_tokens, **extra)
+    first_s = time.perf_counter() - start
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.no_grad():
       out = model.generate(**batch, max_new_tokens=args.max_new_tokens, **extra)
     seconds = time.perf_counter() - start
-    tokens = 0
+    lengths = []
     for row in out[:, batch["input_ids"].shape[1]:].tolist():
       ends = [i for i, t in enumerate(row) if t in eos]
-      tokens += ends[0] + 1 if ends else len(row)
-    results[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+      lengths.append(ends[0] + 1 if ends else len(row))
+    tokens, steps = sum(lengths), max(lengths)
+    results[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "first_call_s": first_s,
+                     "steps": steps, "step_ms": seconds / steps * 1e3}
   results["peak_rss_gb"] = _peak_rss_gb()
   results["torch_threads"] = torch.get_num_threads()
   return results
@@ -146,20 +159,24 @@ def main() -> None:
       sys.exit(f"{impl} run failed:\n{proc.stderr[-4000:]}")
     results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
   lines = ["| mode | ipo_jax tok/s | HF tok/s | ratio | ipo_jax tokens / s | HF tokens / s | ipo_jax ms/step | "
-           "of the weight-streaming bound |", "|---|---|---|---|---|---|---|---|"]
+           "HF ms/step | ratio per step | of the weight-streaming bound |", "|---|---|---|---|---|---|---|---|---|---|"]
   for mode in MODES:
     j, h = results["jax"][mode], results["hf"][mode]
     results[f"{mode}_ratio"] = j["tokens_per_s"] / h["tokens_per_s"]
+    results[f"{mode}_step_ratio"] = h["step_ms"] / j["step_ms"]
     lines.append(f"| {mode} | {j['tokens_per_s']:.1f} | {h['tokens_per_s']:.1f} | {results[f'{mode}_ratio']:.2f}x | "
                  f"{j['tokens']} / {j['seconds']:.1f} | {h['tokens']} / {h['seconds']:.1f} | {j['step_ms']:.1f} | "
-                 f"{j['bound_fraction']:.0%} |")
+                 f"{h['step_ms']:.1f} | {results[f'{mode}_step_ratio']:.2f}x | {j['bound_fraction']:.0%} |")
   lines.append(f"\n{args.dtype}; weights {results['jax']['weight_bytes'] / 1e6:.0f} MB, measured read bandwidth "
                f"{results['jax']['bandwidth'] / 1e9:.1f} GB/s: the bound is "
                f"{results['jax']['weight_bytes'] / results['jax']['bandwidth'] * 1e3:.1f} ms per decode step")
+  first = {impl: ", ".join(f"{mode} {results[impl][mode]['first_call_s']:.1f} s" for mode in MODES)
+           for impl in ("jax", "hf")}
   lines.append(f"\nipo_jax: {results['jax']['compilations']} compilations "
-               f"(sampled {results['jax']['sampled']['compile_s']:.1f} s, greedy "
-               f"{results['jax']['greedy']['compile_s']:.1f} s), peak RSS {results['jax']['peak_rss_gb']:.2f} GB; "
-               f"HF: peak RSS {results['hf']['peak_rss_gb']:.2f} GB, {results['hf']['torch_threads']} torch threads")
+               f"(tracing, lowering and compiling: sampled {results['jax']['sampled']['compile_s']:.1f} s, greedy "
+               f"{results['jax']['greedy']['compile_s']:.1f} s), first calls {first['jax']}, peak RSS "
+               f"{results['jax']['peak_rss_gb']:.2f} GB; HF: first calls {first['hf']}, peak RSS "
+               f"{results['hf']['peak_rss_gb']:.2f} GB, {results['hf']['torch_threads']} torch threads")
   print("\n".join(lines))
   if args.out:
     with open(args.out, "w") as f:

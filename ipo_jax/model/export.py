@@ -1,5 +1,6 @@
 """Export of a policy to a Hugging Face directory: config.json, model.safetensors (sharded past `max_shard_bytes`,
-with an index) and the tokenizer files, loadable by `transformers.AutoModelForCausalLM.from_pretrained`.
+with an index) and the tokenizer files, loadable by `transformers.AutoModelForCausalLM.from_pretrained` (a
+classifier, with a `score` head, by `AutoModelForSequenceClassification`).
 
 The names and layouts are the loader's (`params.hf_weight_names`) run backwards: our stacked [L, in, out] matrices
 become per-layer HF [out, in] weights; norms are stored in the HF convention already (Gemma's 1 + w included) and
@@ -29,6 +30,12 @@ ARCHITECTURES = {
 
 def _text_type(cfg: ModelConfig) -> str:
   return "gemma3_text" if cfg.model_type == "gemma3" else cfg.model_type
+
+
+def architecture(cfg: ModelConfig) -> str:
+  """The `transformers` class an export of `cfg` is: the causal LM, or its sequence classifier (a `score` head)."""
+  name = ARCHITECTURES[_text_type(cfg)]
+  return name.replace("ForCausalLM", "ForSequenceClassification") if cfg.num_labels else name
 
 
 def _rope(spec) -> dict[str, Any]:
@@ -109,7 +116,9 @@ def export_hf(params: transformer.Params, cfg: ModelConfig, out_dir: str | os.Pa
   model_type = _text_type(cfg)
   if model_type not in ARCHITECTURES:
     raise ValueError(f"no Hugging Face export for model_type {cfg.model_type!r}; supported: {sorted(ARCHITECTURES)}")
-  hf_config.architectures = [ARCHITECTURES[model_type]]
+  hf_config.architectures = [architecture(cfg)]
+  if cfg.num_labels:
+    hf_config.num_labels = cfg.num_labels
   hf_config.tie_word_embeddings = cfg.tie_embeddings
   hf_config.dtype = dtype
   write = jax.process_index() == 0

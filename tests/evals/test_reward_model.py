@@ -1,7 +1,9 @@
 """The classifier reward model: parity with transformers (padding both ways, the authors' pipeline), buckets, rows."""
 
 import dataclasses
+import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import transformers
 
 from ipo_jax import sharding
 from ipo_jax.evals import reward_model
-from ipo_jax.model import loading, tokenizer as tokenizer_lib
+from ipo_jax.model import export, loading, tokenizer as tokenizer_lib, transformer
 from tests import hf_checkpoints
 
 TOL = 1e-4
@@ -108,6 +110,27 @@ def test_pair_rows_are_the_ipo_rows(classifier):
     assert r["tokens_chosen"] == len(scorer.encode([p["prompt"]], [p["chosen"]])[0][0])
   tie = by_id[("hep-go", 2)]
   assert tie["tie"] and not tie["correct"]  # ties count wrong, as the authors' strict `>`
+
+
+def test_an_exported_classifier_loads_as_one_with_the_same_scores(classifier, tmp_path):
+  """A params tree with a `score` head exports as *ForSequenceClassification with its labels: transformers and the
+  loader both read it back as a classifier giving our scores."""
+  directory, hf, model = classifier
+  params = jax.tree.map(lambda x: x * 1.01, model.params)  # moved away from the checkpoint's
+  out = export.export_hf(params, model.config, tmp_path / "out", hf_config=model.hf_config,
+                         tokenizer=model.tokenizer)
+  config = json.load(open(tmp_path / "out" / "config.json"))
+  assert config["architectures"] == [type(hf).__name__] and len(config["id2label"]) == 1
+  back = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+  seqs = [[5, 9, 300, 41, 7], [8, 12, 30]]  # never the pad id (2), which HF would pool before
+  want = _hf_alone(back, seqs)
+  ours = loading.load_model(out)
+  assert ours.config.num_labels == 1
+  for s, w in zip(seqs, want):
+    ids = np.array([s])
+    np.testing.assert_allclose(np.asarray(ours.scores(ids)), [w], atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(transformer.classifier_scores(params, model.config, ids, np.ones_like(ids))),
+                               [w], atol=TOL, rtol=0)
 
 
 def test_bad_settings_and_models_are_refused(classifier, tokenizer):

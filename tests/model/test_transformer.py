@@ -44,23 +44,37 @@ def test_padding_invariance(params):
   np.testing.assert_allclose(right[:, :8], ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_cache_continuation_equals_full_pass(params, per_layer):
-  """A stacked cache (carried through the layer scan) and a per-layer one (the layers one after another, as the
-  sampler decodes on CPU) both continue exactly as the full pass."""
+@pytest.mark.parametrize("per_layer,split", [(False, False), (True, False), (True, True)])
+def test_cache_continuation_equals_full_pass(params, per_layer, split):
+  """A stacked cache (carried through the layer scan) and a per-layer one (the layers one after another) both
+  continue exactly as the full pass; so does a per-layer cache with the weights split per layer and the
+  projections [out, in] (`decode_layers`), as the sampler decodes on CPU."""
   ids = np.array([[3, 14, 15, 9, 26, 5, 35, 8], [0, 0, 7, 7, 1, 2, 3, 4]])
   mask = np.array([[1] * 8, [0, 0] + [1] * 6])
   ref = logits(params, ids, mask)
+  weights = transformer.decode_layers(params) if split else params
+  if split:
+    assert len(weights["layers"]) == CFG.num_layers
+    np.testing.assert_array_equal(weights["layers"][1]["gate"], params["layers"]["gate"][1].T)
+    np.testing.assert_array_equal(weights["layers"][2]["attn_norm"], params["layers"]["attn_norm"][2])
   cache = transformer.init_cache(CFG, 2, 12, per_layer=per_layer)
   assert isinstance(cache["k"], tuple) == per_layer
-  _, cache = transformer.forward(params, CFG, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]), cache)
+  _, cache = transformer.forward(weights, CFG, jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]), cache)
   # Continuation is itself left-padded: a gap of padding slots must not change anything.
   cont_ids = np.pad(ids[:, 5:], ((0, 0), (1, 0)))
   cont_mask = np.pad(mask[:, 5:], ((0, 0), (1, 0)))
-  hidden, cache = transformer.forward(params, CFG, jnp.asarray(cont_ids), jnp.asarray(cont_mask), cache)
-  out = np.asarray(transformer.lm_head(params, CFG, hidden))
+  hidden, cache = transformer.forward(weights, CFG, jnp.asarray(cont_ids), jnp.asarray(cont_mask), cache)
+  out = np.asarray(transformer.lm_head(weights, CFG, hidden))
   np.testing.assert_allclose(out[:, 1:], ref[:, 5:], atol=1e-5)
   assert int(cache["length"]) == 9 and list(np.asarray(cache["next_pos"])) == [8, 6]
+
+
+def test_split_layers_need_a_per_layer_cache(params):
+  split = transformer.decode_layers(params)
+  with pytest.raises(ValueError, match="only with a per-layer cache"):
+    transformer.forward(split, CFG, jnp.ones((1, 3), jnp.int32))
+  with pytest.raises(ValueError, match="only with a per-layer cache"):
+    transformer.forward(split, CFG, jnp.ones((1, 3), jnp.int32), cache=transformer.init_cache(CFG, 1, 4))
 
 
 def test_lm_head_rows_and_last_token(params):

@@ -185,17 +185,33 @@ def test_batch_sharded_over_eight_devices_matches_one(toy, tmp_path):
       from ipo_jax.model import loading, transformer
       from ipo_jax.model.architecture import ModelConfig, RopeSpec
       cfg = {TOY!r}
-      model = loading.Model(config=cfg, params=transformer.init_params(cfg, jax.random.key(0), scale=0.5),
-                            tokenizer=None, mesh=sharding.make_mesh({{"data": 2, "fsdp": 4}}), hf_config=None,
-                            name="toy")
-      sampling = engine.SamplingConfig(max_new_tokens=4, temperature=1.0, num_samples=2)
-      out = engine.generate(model, {PROMPTS!r}, sampling, 1, progress=False)
-      print(json.dumps([[g.token_ids for g in gens] for gens in out]))
+      outs = []
+      for shape in ({{"data": 2, "fsdp": 4}}, {{"data": 2, "fsdp": 2, "tensor": 2}}):
+        model = loading.Model(config=cfg, params=transformer.init_params(cfg, jax.random.key(0), scale=0.5),
+                              tokenizer=None, mesh=sharding.make_mesh(shape), hf_config=None, name="toy")
+        sampling = engine.SamplingConfig(max_new_tokens=4, temperature=1.0, num_samples=2)
+        out = engine.generate(model, {PROMPTS!r}, sampling, 1, progress=False)
+        outs.append([[g.token_ids for g in gens] for gens in out])
+      print(json.dumps(outs))
   """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False,
                         env={**os.environ, "PYTHONPATH": ROOT})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == [expected, expected]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_decode_reads_projection_weights_out_in(dtype):
+  """On a CPU mesh the decode program takes the layers split with the projections [out, in] (`decode_params`) and
+  its dots contract their last axis, as laid out: XLA's few-row CPU GEMMs read them about 2x faster in bf16."""
+  mesh = sharding.make_mesh()
+  params = engine.decode_params(mesh, transformer.init_params(TOY, jax.random.key(0), dtype=dtype))
+  assert params["layers"][0]["gate"].shape == (TOY.intermediate_size, TOY.hidden_size)
+  sampling = engine.SamplingConfig(max_new_tokens=4, temperature=0.0)
+  hlo = engine.lowerable(TOY, mesh, dtype, sampling, rows=2, prompt_length=8).lower().compile().as_text()
+  projections = [line for line in hlo.splitlines() if " dot(" in line and "ti,oi->to" in line]
+  assert len(projections) >= 2 * 7 * TOY.num_layers  # prefill and decode step, 7 projections per layer
+  assert all("rhs_contracting_dims={1}" in line for line in projections)
 
 
 def test_inverse_cdf_draw_follows_the_probabilities():
