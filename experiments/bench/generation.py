@@ -16,11 +16,10 @@ The weight-streaming bound: every decode step reads all the weights once, so a s
 sums over a 512 MiB array). The bench prints ipo_jax's decode steps per second of that bound's rate: the
 fraction of the bound reached (prefill included in the time).
 
-Results on an otherwise idle 2-core Intel Xeon (AVX-512, AMX; SmolLM2-135M-Instruct fp32,
-`--prompts 8 --max-new-tokens 128`):
-sampled (32 rows) 147.8 vs 144.7 tokens/s (1.02x), greedy (8 rows) 96.8 vs 110.3 tokens/s (0.88x), 11% and 23% of
-the weight-streaming bound; with `--dtype bfloat16` 221.2 vs 197.4 (1.12x) and 125.3 vs 167.9 (0.75x); the 2x
-target is not met (the README's Benchmarks section says why).
+Results on an otherwise idle 2-core Intel Xeon (AVX-512, AMX; SmolLM2-135M-Instruct, `--prompts 8
+--max-new-tokens 128`, 12-01), ms per decode step against HF: fp32 sampled (32 rows) 154.1 vs 197.5 (1.28x), greedy
+(8 rows) 68.0 vs 70.2 (1.03x); `--dtype bfloat16` 91.6 vs 138.1 (1.51x) and 33.4 vs 46.1 (1.38x); the 2x target
+is not met (the README's Benchmarks section says why).
 """
 
 from __future__ import annotations
