@@ -12,8 +12,10 @@
       --config.target=gpu:h100x8
       the same on one 8 x H100 node (needs the CUDA plugin of jax: `make setup-gpu-aot`).
 
-Programs (`--config.programs`, comma-separated): score, generate, dpo, dpo_lora (the paper's LoRA r=256 on every
-projection) and sft (an SFT step of train.batch_size examples of data.max_length tokens).
+Programs (`--config.programs`, comma-separated): score, reward (a classifier reward model: aot.reward_rows x
+reward_model.max_length tokens; a causal LM's architecture gets a one-label head), generate, dpo, dpo_lora (the
+paper's LoRA r=256 on every projection) and sft (an SFT step of train.batch_size examples of data.max_length
+tokens).
 Targets: `tpu:<v4|v5e|v5p|v6e>:<topology>` and `gpu:<h100|h200>x8[x<hosts>]` (ipo_jax/aot/targets.py lists the
 forms, the devices' figures and their sources). The TPU compiler comes with the dev install (libtpu); the host needs
 no accelerator. `--config.mesh.auto=True` compiles `mesh.candidates` (data, fsdp, tensor) meshes and reports the
@@ -45,8 +47,10 @@ def get_config(arg=None):
   c.update(common.training())  # dpo, lora, optim, train (batch_size pairs per step, grad_accum, remat), data
   c.train.batch_size = 16
   c.train.compute_dtype = "auto"  # the target's: bfloat16 on TPU and GPU
+  c.reward_model = dict(max_length=1024)  # the reward program's tokens per sequence
   c.aot = dict(
       score_rows=64,  # sequences per scoring program (scoring.max_length tokens each)
+      reward_rows=16,  # sequences per reward program (a classifier reward model; reward_model.max_length each)
       score_program="plain",  # plain | packed (packed_sequences scored per row)
       packed_sequences=4,
       prompt_length=512,  # sampling: prompt tokens per row
@@ -61,6 +65,8 @@ def get_config(arg=None):
     c.target = "tpu:v5e:2x2"
     c.scoring.max_length = 256
     c.aot.score_rows = 8
+    c.reward_model.max_length = 256
+    c.aot.reward_rows = 8
     c.sampling.update(batch_size=4, max_new_tokens=16)
     c.aot.prompt_length = 64
     c.data.update(max_length=256, max_prompt_length=128)

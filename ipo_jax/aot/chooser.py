@@ -21,10 +21,10 @@ import ml_collections
 
 from ipo_jax import sharding
 from ipo_jax.aot import hlo, jobs, targets
+from ipo_jax.evals import reward_model
 
-# The program each task runs most (RM-Bench scores like RewardBench). A classifier reward model's program is not
-# among the `aot` jobs, so `rewardbench_reward_model` keeps every device on fsdp.
-PROGRAMS = {"rewardbench": "score", "rmbench": "score",
+# The program each task runs most (RM-Bench scores like RewardBench).
+PROGRAMS = {"rewardbench": "score", "rmbench": "score", "rewardbench_reward_model": "reward",
             "generate": "generate", "rewardbench_self_reward": "generate", "rewardbench_pairwise": "generate",
             "dpo": "dpo", "self_improve": "dpo", "sft": "sft"}
 ACCELERATOR_BATCH_TOKENS = 8192  # scoring's batch tokens on an accelerator when `scoring.batch_tokens` is 0
@@ -49,15 +49,19 @@ def local_target(devices: list[Any]) -> targets.Target | None:
 
 
 def job_config(config: Any) -> ml_collections.ConfigDict:
-  """The task's config with what `jobs.base_job` reads besides: scoring rows from `scoring.batch_tokens` (the
-  accelerator default when 0), the sampled prompts' length from `sampling.max_prompt_tokens`."""
+  """The task's config with what `jobs.base_job` reads besides: scoring and reward-model rows from their
+  `batch_tokens` (the accelerator default when 0), the sampled prompts' length from `sampling.max_prompt_tokens`."""
   c = ml_collections.ConfigDict(config.to_dict())
-  scoring, sampling = c.get("scoring"), c.get("sampling")
-  rows = 8
-  if scoring is not None:
-    tokens = int(scoring.get("batch_tokens", 0) or ACCELERATOR_BATCH_TOKENS)
-    rows = max(1, min(int(scoring.get("max_batch", 64)), tokens // int(scoring.get("max_length", 1024))))
-  c.aot = {"score_rows": rows, "score_program": "plain", "packed_sequences": 1,
+  scoring, sampling, reward = c.get("scoring"), c.get("sampling"), c.get("reward_model")
+
+  def rows(section, default_tokens):
+    if section is None:
+      return 8
+    tokens = int(section.get("batch_tokens", 0) or default_tokens)
+    return max(1, min(int(section.get("max_batch", 64)), tokens // int(section.get("max_length", 1024))))
+
+  c.aot = {"score_rows": rows(scoring, ACCELERATOR_BATCH_TOKENS), "score_program": "plain", "packed_sequences": 1,
+           "reward_rows": rows(reward, reward_model.ACCELERATOR_BATCH_TOKENS),
            "prompt_length": int(sampling.get("max_prompt_tokens", 512)) if sampling is not None else 512}
   return c
 

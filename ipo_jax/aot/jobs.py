@@ -18,12 +18,13 @@ import ml_collections
 import numpy as np
 
 from ipo_jax import sharding
+from ipo_jax.evals import reward_model
 from ipo_jax.ipo import planner, programs
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.sample import engine
 from ipo_jax.train import lora as lora_lib, optimizer, steps
 
-PROGRAMS = ("score", "generate", "dpo", "dpo_lora", "sft")
+PROGRAMS = ("score", "reward", "generate", "dpo", "dpo_lora", "sft")
 TRAIN_PROGRAMS = ("dpo", "dpo_lora", "sft")  # an optimizer step: remat and micro-batches apply
 PAPER_LORA = dict(rank=256, alpha=128.0, dropout=0.05, targets=("q", "k", "v", "o", "gate", "up", "down"))
 
@@ -34,7 +35,7 @@ class Job:
 
   program: str
   mesh_shape: tuple[int, int, int]
-  rows: int  # score: sequences; generate: prompts; dpo: pairs per optimizer step
+  rows: int  # score, reward: sequences; generate: prompts; dpo: pairs per optimizer step
   length: int  # tokens per sequence (generate: the prompt)
   remat: bool = False
   remat_policy: str = "full"  # with remat (transformer.REMAT_POLICIES)
@@ -77,6 +78,8 @@ def model_flops(cfg: ModelConfig, job: Job, on_the_fly_reference: bool = False) 
   head = 2.0 * cfg.hidden_size * cfg.vocab_size
   if job.program == "score":
     return job.rows * (_forward_flops(cfg, job.length, job.length / 2) + head)
+  if job.program == "reward":  # the classifier head at one position per row
+    return job.rows * (_forward_flops(cfg, job.length, job.length / 2) + 2.0 * cfg.hidden_size * _labels(cfg))
   if job.program == "generate":
     prefill = job.rows * (_forward_flops(cfg, job.length, job.length / 2) + head)
     steps_ = job.rows * job.samples * job.new_tokens
@@ -85,6 +88,16 @@ def model_flops(cfg: ModelConfig, job: Job, on_the_fly_reference: bool = False) 
   forward = job.rows * members * (_forward_flops(cfg, job.length, job.length / 2) + job.length * head)
   passes = (2.0 if job.program == "dpo_lora" else 3.0) + (1.0 if on_the_fly_reference else 0.0)
   return passes * forward
+
+
+def _labels(cfg: ModelConfig) -> int:
+  return cfg.num_labels or 1
+
+
+def reward_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` as a reward model: itself for a classifier, else the same network with a one-label head (sizing a
+  reward model of a causal LM's architecture)."""
+  return cfg if cfg.num_labels else dataclasses.replace(cfg, num_labels=1)
 
 
 def mesh_for(job: Job, devices: list[Any], slice_axis: str = "data") -> jax.sharding.Mesh:
@@ -110,6 +123,8 @@ def lowerable(config: Any, cfg: ModelConfig, job: Job, mesh: jax.sharding.Mesh) 
   if job.program == "score":
     return programs.lowerable(cfg, mesh, dtype, config.aot.score_program, job.rows, job.length,
                               sequences=max(1, config.aot.packed_sequences))
+  if job.program == "reward":
+    return reward_model.lowerable(reward_config(cfg), mesh, dtype, job.rows, job.length)
   if job.program == "generate":
     sampling = engine.SamplingConfig.from_config(config.sampling)
     return engine.lowerable(cfg, mesh, dtype, sampling, job.rows, job.length)
@@ -124,6 +139,8 @@ def base_job(config: Any, program: str, mesh_shape: tuple[int, int, int]) -> Job
   a = config.aot
   if program == "score":
     return Job(program, mesh_shape, round_rows(a.score_rows, mesh_shape), config.scoring.max_length)
+  if program == "reward":
+    return Job(program, mesh_shape, round_rows(a.reward_rows, mesh_shape), config.reward_model.max_length)
   if program == "generate":
     return Job(program, mesh_shape, round_rows(config.sampling.batch_size, mesh_shape), a.prompt_length,
                new_tokens=config.sampling.max_new_tokens, samples=config.sampling.num_samples)

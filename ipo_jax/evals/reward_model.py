@@ -23,6 +23,7 @@ import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ipo_jax import runtime, sections, sharding
@@ -72,7 +73,7 @@ class RewardSettings:
 
   def tokens_per_batch(self) -> int:
     """`batch_tokens`, or when 0: 4096 on CPU, 16384 on an accelerator."""
-    return self.batch_tokens or (4096 if jax.default_backend() == "cpu" else 16384)
+    return self.batch_tokens or (4096 if jax.default_backend() == "cpu" else ACCELERATOR_BATCH_TOKENS)
 
   @classmethod
   def from_config(cls, section: Any) -> "RewardSettings":
@@ -95,6 +96,9 @@ def check_path(path: str) -> None:
                        "model.path must be a reward model (a classifier head), not a causal LM")
 
 
+ACCELERATOR_BATCH_TOKENS = 16384  # tokens per batch on an accelerator when `reward_model.batch_tokens` is 0
+
+
 def _rewards(cfg, params, ids, mask):
   """[B, num_labels] (replicated): the classifier head at each row's last real token."""
   _TRACES["rewards"] += 1
@@ -106,6 +110,16 @@ def build(cfg: Any, mesh: jax.sharding.Mesh, params: Any) -> Any:
   rows = sharding.batch_sharding(mesh, 2)
   return sharding.jit(_rewards, mesh, in_shardings=(sharding.param_shardings(params, mesh), rows, rows),
                       out_shardings=sharding.replicated(mesh), static_argnames=("cfg",))
+
+
+def lowerable(cfg: Any, mesh: jax.sharding.Mesh, dtype: Any, rows: int, length: int) -> sharding.Lowerable:
+  """The reward program of `build` for `rows` x `length` tokens with abstract arguments, to compile ahead of time
+  for `mesh` (any platform). `cfg` must be a classifier's (num_labels > 0)."""
+  if not cfg.num_labels:
+    raise ValueError("a reward program needs a classifier config (num_labels > 0)")
+  params = sharding.abstract_params(cfg, dtype, mesh)
+  tokens = sharding.abstract((rows, length), jnp.int32, sharding.batch_sharding(mesh, 2))
+  return sharding.Lowerable("reward", build(cfg, mesh, params), (cfg, params, tokens, tokens), mesh)
 
 
 def pad_rows(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int, left: bool = False

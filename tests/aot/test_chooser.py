@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from configs import dpo as dpo_config, rewardbench as rewardbench_config
+from configs import rewardbench_reward_model as reward_config
 from ipo_jax import runtime
 from ipo_jax.aot import chooser, targets
 
@@ -35,6 +36,21 @@ def test_scoring_mesh_chosen_by_compiling_candidates():
   assert lines[-1].startswith(f"mesh.auto: chose data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}")
   again = []
   assert chooser.choose_mesh(config, devices, target, log=again.append).shape == mesh.shape and not again
+
+
+@pytest.mark.skipif(bool(TPU_SKIP), reason=str(TPU_SKIP))
+def test_reward_model_mesh_chosen_by_compiling_its_program():
+  """The classifier reward model's task compiles its own program (one-label head, reward_model's batch)."""
+  target = targets.parse("tpu:v5e:2x2")
+  config = _config(reward_config, candidates=2)
+  config.reward_model.max_length = 512
+  lines = []
+  mesh = chooser.choose_mesh(config, target.devices(), target, log=lines.append)
+  tried = [l for l in lines if "reward[" in l]
+  assert len(tried) == 2 and tried[0].startswith("mesh.auto: reward[1x4x1,rows=32]")  # 16384 tokens / 512
+  assert all("est. " in l for l in tried)
+  assert lines[-1].startswith(f"mesh.auto: chose data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}")
+  assert "for reward on" in lines[-1]
 
 
 def test_cpu_devices_stay_on_fsdp():

@@ -41,6 +41,8 @@ def test_model_flops_by_hand():
   assert jobs.model_flops(TINY, dpo) == pytest.approx(3 * forward)
   assert jobs.model_flops(TINY, dataclasses.replace(job, program="dpo_lora")) == pytest.approx(2 * forward)
   assert jobs.model_flops(TINY, dpo, on_the_fly_reference=True) == pytest.approx(4 * forward)
+  reward = dataclasses.replace(job, program="reward")  # the one-label head at one position per row
+  assert jobs.model_flops(TINY, reward) == pytest.approx(8 * (256 * per_token + 2 * d))
   assert float(planner.flops(TINY, 1, 128)) == per_token
 
 
