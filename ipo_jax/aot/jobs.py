@@ -79,7 +79,8 @@ def model_flops(cfg: ModelConfig, job: Job, on_the_fly_reference: bool = False) 
   if job.program == "score":
     return job.rows * (_forward_flops(cfg, job.length, job.length / 2) + head)
   if job.program == "reward":  # the classifier head at one position per row
-    return job.rows * (_forward_flops(cfg, job.length, job.length / 2) + 2.0 * cfg.hidden_size * _labels(cfg))
+    score_head = 2.0 * cfg.hidden_size * reward_config(cfg).num_labels
+    return job.rows * (_forward_flops(cfg, job.length, job.length / 2) + score_head)
   if job.program == "generate":
     prefill = job.rows * (_forward_flops(cfg, job.length, job.length / 2) + head)
     steps_ = job.rows * job.samples * job.new_tokens
@@ -88,10 +89,6 @@ def model_flops(cfg: ModelConfig, job: Job, on_the_fly_reference: bool = False) 
   forward = job.rows * members * (_forward_flops(cfg, job.length, job.length / 2) + job.length * head)
   passes = (2.0 if job.program == "dpo_lora" else 3.0) + (1.0 if on_the_fly_reference else 0.0)
   return passes * forward
-
-
-def _labels(cfg: ModelConfig) -> int:
-  return cfg.num_labels or 1
 
 
 def reward_config(cfg: ModelConfig) -> ModelConfig:

@@ -257,7 +257,8 @@ def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer
                                     static_argnums=(0, 1)), s, cfg)
   final = jit(final_params, in_shardings=(state_shards.params, base_shards),
               out_shardings=state_shards.params if s.lora is None else base_shards, static_argnums=(0,))
-  return Steps(init=functools.partial(init, s, opt), init_donating=functools.partial(init_donating, s, opt), train=functools.partial(train, s, cfg, opt),
+  return Steps(init=functools.partial(init, s, opt), init_donating=functools.partial(init_donating, s, opt),
+               train=functools.partial(train, s, cfg, opt),
                policy_logps=functools.partial(policy, s, cfg), base_logps=base_fn, final=functools.partial(final, s),
                checksum=jit(checksum, in_shardings=(base_shards,), out_shardings=rep),
                state_shardings=state_shards, state_shapes=state_shapes)
