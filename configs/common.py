@@ -53,8 +53,10 @@ def model(path: str = "embedded", dtype: str = "float32") -> ConfigDict:
 
   A missing path that reads as local (starts with ".", "~" or "/", ends with a model file suffix, or its first
   component exists here) is an error, never a hub download, unless `allow_hub=True` or it is written
-  `hf:owner/name`."""
-  return ConfigDict({"path": path, "dtype": dtype, "allow_hub": False})
+  `hf:owner/name`. `attention`: how scoring and training calls attend — auto (the platform's fused kernel where a
+  call suits it: splash attention on TPU, cuDNN on GPU; XLA on CPU), xla, splash or cudnn
+  (ipo_jax/model/attention.py)."""
+  return ConfigDict({"path": path, "dtype": dtype, "allow_hub": False, "attention": "auto"})
 
 
 def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> ConfigDict:

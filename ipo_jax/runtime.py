@@ -66,4 +66,12 @@ def load_model_from_config(config: Any, mesh: jax.sharding.Mesh | None = None):
   presets.check_task(config.model.path, config.get("task") if hasattr(config, "get") else None)
   mesh = mesh or mesh_from_config(config)
   return load_model(config.model.path, dtype=config.model.get("dtype", "float32"), mesh=mesh,
-                    allow_hub=bool(config.model.get("allow_hub", False)))
+                    allow_hub=bool(config.model.get("allow_hub", False)),
+                    attention=config.model.get("attention", "auto"))
+
+
+def model_config_from_config(config: Any):
+  """The `ModelConfig` of `config.model` (path, allow_hub, attention) without reading weights."""
+  from ipo_jax.model import loading
+  return loading.model_config(config.model.path, allow_hub=bool(config.model.get("allow_hub", False)),
+                              attention=config.model.get("attention", "auto"))

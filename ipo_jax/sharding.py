@@ -170,12 +170,41 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def rows_spec(mesh: Any, shape: Sequence[int], row_axis: int = 0, length_axis: int | None = None) -> P:
+  """Where a batch array goes: dim `row_axis` (its rows) over the batch axes (data, fsdp) when they divide it; else,
+  when the array has a sequence dim `length_axis` they divide, that dim (activations split over the sequence: a
+  micro-batch of fewer rows than data x fsdp); else whole."""
+  size = math.prod(mesh.shape[a] for a in BATCH)
+  spec: list[Any] = [None] * len(shape)
+  if shape[row_axis] % size == 0:
+    spec[row_axis] = BATCH
+  elif length_axis is not None and shape[length_axis] % size == 0:
+    spec[length_axis] = BATCH
+  return P(*spec)
+
+
+def sequence_split(rows: int, length: int) -> bool:
+  """Whether activations of `rows` x `length` tokens split over the sequence under the mesh set with `jax.set_mesh`
+  (`rows_spec`): the batch axes do not divide the rows but do divide the length."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    return False
+  return rows_spec(mesh, (rows, length), 0, 1)[1] is not None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """`with_sharding_constraint` to the logical `axes` under the mesh set with `jax.set_mesh`; a no-op without one."""
+  """`with_sharding_constraint` to the logical `axes` under the mesh set with `jax.set_mesh`; a no-op without one.
+  An activation with both `batch` and `length` whose rows the batch axes do not divide is split over its sequence
+  instead where they divide that (`rows_spec`)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(AXES) <= set(mesh.axis_names):
     return x
-  return jax.lax.with_sharding_constraint(x, _fit(logical_spec(axes), x.shape, mesh))
+  spec = list(_fit(logical_spec(axes), x.shape, mesh))
+  if "batch" in axes and "length" in axes:
+    b, t = axes.index("batch"), axes.index("length")
+    if rows_spec(mesh, (x.shape[b], x.shape[t]), 0, 1)[1] is not None:
+      spec[b], spec[t] = None, BATCH
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 # XLA options of the programs compiled for a mesh, by its platform (`jit`). TPU: FSDP weights are all-gathered and

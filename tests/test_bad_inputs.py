@@ -123,6 +123,7 @@ def _generate(*overrides, run_dir=None):
 CASES = [
     ("generate", ["--config.model.dtype=float64"], ["model.dtype='float64'", "float32, bfloat16, float16"]),
     ("generate", ["--config.model.dtype=int8"], ["model.dtype='int8'"]),
+    ("generate", ["--config.model.attention=flash"], ["model.attention='flash'", "auto, xla, splash, cudnn"]),
     ("generate", ["--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=1"],
      ["needs 2 devices", "mesh.shape.data=2", "there is 1 cpu device"]),
     ("generate", ["--config.mesh.shape.tensor=0"], ["mesh.shape.tensor=0"]),

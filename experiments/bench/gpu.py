@@ -6,6 +6,8 @@
       `--rows` x `--seq` tokens and a full DPO step (fp32 weights and Adam moments, bf16 compute, precomputed
       reference) of `--pairs` pairs x 2 x `--seq` tokens where it fits one GPU (8B does not: 12 bytes per parameter
       of weights and moments alone); about 6 minutes with the PyTorch side.
+  python experiments/bench/gpu.py --attention auto,xla --out runs/bench_gpu.json
+      the same, ipo_jax timed with cuDNN's fused attention (auto) and with XLA's (xla) beside each other.
   python experiments/bench/gpu.py --smoke
       the same code on this host's default device with 2 layers and short rows (a wiring check; no MFU off GPU).
 
@@ -158,6 +160,9 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=1024)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--attention", default="auto",
+                      help="model.attention settings to time ipo_jax under, comma-separated (auto: cuDNN's fused "
+                           "attention on GPU; auto,xla also times XLA's attention)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--smoke", action="store_true", help="2 layers, 64-token rows, the first model only")
   parser.add_argument("--out", default="")
@@ -181,19 +186,23 @@ def main() -> None:
     for job in (jobs.Job("score", (1, len(devices), 1), args.rows, args.seq),
                 jobs.Job("dpo", (1, len(devices), 1), args.pairs, args.seq)):
       flops = jobs.model_flops(cfg, job)
-      row = {"model": name, "program": job.program, "rows": job.rows, "seq": job.length, "model_flops": flops}
-      try:
-        row["ipo_jax"] = measure_jax(config, cfg, job, mesh, target, args.warmup, args.iters)
-      except Exception as e:  # pylint: disable=broad-except  (out of memory on the device: reported, not fatal)
-        row["ipo_jax"] = {"error": str(e).splitlines()[0][:300]}
-      if not args.no_torch:
-        row["torch"] = measure_torch(name, cfg, job, args.warmup, args.iters, layers)
-      for side in ("ipo_jax", "torch"):
-        seconds = row.get(side, {}).get("seconds")
-        if seconds and target:
-          row[side]["mfu"] = flops / (seconds * target.peak_flops * target.num_devices)
-      results.append(row)
-      print(line(row), flush=True)
+      torch_side = None if args.no_torch else measure_torch(name, cfg, job, args.warmup, args.iters, layers)
+      for attention in args.attention.split(","):
+        row = {"model": name, "program": job.program, "rows": job.rows, "seq": job.length, "model_flops": flops,
+               "attention": attention}
+        try:
+          row["ipo_jax"] = measure_jax(config, dataclasses.replace(cfg, attention=attention), job, mesh, target,
+                                       args.warmup, args.iters)
+        except Exception as e:  # pylint: disable=broad-except  (out of memory on the device: reported, not fatal)
+          row["ipo_jax"] = {"error": str(e).splitlines()[0][:300]}
+        if torch_side is not None:
+          row["torch"] = dict(torch_side)
+        for side in ("ipo_jax", "torch"):
+          seconds = row.get(side, {}).get("seconds")
+          if seconds and target:
+            row[side]["mfu"] = flops / (seconds * target.peak_flops * target.num_devices)
+        results.append(row)
+        print(line(row), flush=True)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
@@ -216,7 +225,8 @@ def line(row: dict) -> str:
   if row.get("ipo_jax", {}).get("seconds") and row.get("torch", {}).get("seconds"):
     ratio = f"; {row['torch']['seconds'] / row['ipo_jax']['seconds']:.2f}x PyTorch"
   shape = f"{row['rows']} x {row['seq']}" + (" x 2" if row["program"] == "dpo" else "")
-  return f"{row['model']} {row['program']} {shape}: {side('ipo_jax')}; {side('torch')}{ratio}"
+  attention = f" (attention {row['attention']})" if "attention" in row else ""
+  return f"{row['model']} {row['program']} {shape}{attention}: {side('ipo_jax')}; {side('torch')}{ratio}"
 
 
 if __name__ == "__main__":

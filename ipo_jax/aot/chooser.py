@@ -79,8 +79,8 @@ def choose_mesh(config: Any, devices: list[Any] | None = None, target: targets.T
            f"task {config.get('task')!r} has no program to compile")
     log(f"mesh.auto: {why} ({len(devices)} x {devices[0].device_kind}): every device on fsdp")
     return sharding.make_mesh(None, devices, slice_axis=slice_axis)
-  from ipo_jax.model import loading  # pylint: disable=import-outside-toplevel
-  cfg = loading.model_config(config.model.path, allow_hub=bool(config.model.get("allow_hub", False)))
+  from ipo_jax import runtime  # pylint: disable=import-outside-toplevel
+  cfg = runtime.model_config_from_config(config)
   c = job_config(config)
   key = json.dumps([program, target.name, c.to_dict()], sort_keys=True, default=str)
   if key not in _CHOSEN:

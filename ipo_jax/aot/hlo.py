@@ -24,7 +24,8 @@ METHOD = """\
 Time model (an estimate from the compiled program, not a measurement; per device):
 - compute: on TPU the compiler's estimated cycles of every kernel x the runs of its computation (while-loop trip
   counts multiplied through) / the chip clock, plus max(FLOPs / peak, bytes / HBM bandwidth) for custom kernels that
-  state a cost instead; on GPU (or a TPU module without cycle estimates) the roofline max(matmul FLOPs / peak dense
+  state a cost instead, and for fused attention kernels (splash, cuDNN), which state none: their causal blocks'
+  FLOPs from their shapes (an optimistic charge); on GPU (or a TPU module without cycle estimates) the roofline max(matmul FLOPs / peak dense
   bf16 FLOP/s, HBM traffic / HBM bandwidth). `compute_method` says which.
 - HBM traffic: bytes every kernel reads and writes in HBM (on-chip arrays excluded; a fused read through a slice
   counts the slice, an in-place update the update), x trip counts: an estimate (`memory_seconds` = traffic / bandwidth).
@@ -35,7 +36,7 @@ Time model (an estimate from the compiled program, not a measurement; per device
   all-gather S-1, reduce-scatter (S-1)/S. Latency and link topology are ignored: a lower bound.
 - step: `step_seconds` = max(compute, collectives) (compute and communication overlap perfectly; used for MFU);
   `step_seconds_no_overlap` = their sum. MFU = model FLOPs per step / (devices x peak x step_seconds).
-- FLOPs: dots, convolutions, cuBLAS gemms and kernels stating their cost, x trip counts; elementwise work is not
+- FLOPs: dots, convolutions, cuBLAS gemms, kernels stating their cost and fused attention kernels, x trip counts; elementwise work is not
   counted. XLA's cost_analysis (`flops_cost_analysis`) counts each loop body once.
 - memory: argument + output - alias + temp + generated code, against the compiler's usable HBM per device; a compile
   refused with RESOURCE_EXHAUSTED reports the bytes the compiler said it needed.

@@ -138,10 +138,42 @@ def _instruction(line: str) -> Instruction | None:
                      rest[close:], bool(m.group(1)))
 
 
+def _depth(text: str) -> int:
+  """Open brackets minus closed ones outside double-quoted strings."""
+  if '"' not in text:
+    return sum(map(text.count, "({[")) - sum(map(text.count, ")}]"))
+  depth, quoted, escaped = 0, False, False
+  for ch in text:
+    if quoted:
+      quoted, escaped = (not (ch == '"' and not escaped)), (ch == "\\" and not escaped)
+    elif ch == '"':
+      quoted = True
+    elif ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth -= 1
+  return depth
+
+
+def _logical_lines(text: str) -> Iterator[str]:
+  """The module's lines with an instruction whose attributes span several lines (a Pallas kernel's metadata) joined
+  into one."""
+  lines = iter(text.splitlines())
+  for line in lines:
+    if _INST.match(line):
+      depth = _depth(line)
+      while depth > 0:
+        more = next(lines, None)
+        if more is None:
+          break
+        line, depth = line + " " + more, depth + _depth(more)
+    yield line
+
+
 def parse_module(text: str) -> Module:
   comps: dict[str, Computation] = {}
   current = None
-  for line in text.splitlines():
+  for line in _logical_lines(text):
     header = _HEADER.match(line)
     if header:
       current = Computation(header.group(2), bool(header.group(1)), {})
@@ -216,10 +248,49 @@ def instruction_flops(module: Module, comp: Computation, inst: Instruction) -> f
     stated = inst.attr(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
     if stated is not None:
       return float(stated)
+    attention = attention_kernel_cost(module, comp, inst)
+    if attention is not None:
+      return attention[0]
     if "gemm" in (inst.attr(r'custom_call_target="([^"]+)"') or "") or "matmul" in inst.attrs[:200]:
       dims = inst.attr(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
       return 2.0 * inst.shapes[0].elements * _contracted(module, comp, inst, (dims or "").replace('"', ""))
   return 0.0
+
+
+# FLOPs of a fused attention kernel per (query element x attended key): forward 2 GEMMs (scores, values); splash's
+# backward kernels recompute the scores: dq 3 GEMMs, dk/dv 4; cuDNN's one backward kernel 5.
+_ATTENTION_GEMMS = {"fwd": 2, "dq": 3, "dkv": 4, "cudnn": 2, "cudnn_bwd": 5}
+
+
+def attention_kernel_cost(module: Module, comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+  """(FLOPs, HBM bytes) of a fused attention kernel, which states no cost: splash attention (a Pallas TPU kernel,
+  recognised by its op name) or cuDNN's (`__cudnn$fmha...`). Self-attention over the query length S, causal:
+  splash computes the blocks on and below the diagonal (n blocks: (n + 1) / 2n of the pairs), cuDNN (S + 1) / 2S;
+  a sliding window's skipped blocks are not subtracted (an upper bound). None for any other instruction."""
+  target = inst.attr(r'custom_call_target="([^"]+)"') or ""
+  op_name = inst.attr(r'op_name="([^"]+)"') or ""
+  operands = [a for name in inst.operands for a in module.shape_of(comp, name)]
+  floats = [a for a in operands if a.dtype.startswith(("f", "bf"))]
+  if target.startswith("__cudnn$fmha") and operands:
+    scores = inst.attr(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]')  # [B, H, T, S]
+    if scores is None:
+      return None
+    dims = [int(d) for d in re.findall(r"\d+", scores)]
+    causal = "CAUSAL" in (inst.attr(r'"mask_type":\s*"(\w+)"') or "")
+    length = dims[-1]
+    pairs = math.prod(dims) * operands[0].dims[-1] * ((length + 1) / (2 * length) if causal else 1.0)
+    gemms = _ATTENTION_GEMMS["cudnn_bwd" if "Backward" in target else "cudnn"]
+  elif target == "tpu_custom_call" and "splash" in op_name and floats:
+    q = max(floats, key=lambda a: a.elements)  # [..., H, S, D] (a backward kernel's dO has its shape)
+    length = q.dims[-2]
+    block = int(inst.attr(r'block_q\\?": (\d+)') or length)
+    n = max(1, length // block)
+    pairs = q.elements * length * (n + 1) / (2 * n)
+    role = re.search(r"_(fwd|dq|dkv)_", inst.name + " " + op_name)
+    gemms = _ATTENTION_GEMMS[role.group(1) if role else "fwd"]
+  else:
+    return None
+  return 2.0 * gemms * pairs, float(sum(a.bytes for a in operands) + inst.bytes)
 
 
 def _convolution_flops(module: Module, comp: Computation, inst: Instruction) -> float:
@@ -315,12 +386,17 @@ def kernel_label(inst: Instruction) -> str:
 
 
 def stated_kernels(module: Module) -> Iterator[tuple[float, float, float]]:
-  """(flops, bytes, runs) of the custom kernels that state a cost but carry no estimated cycles."""
+  """(flops, bytes, runs) of the custom kernels that carry no estimated cycles but state a cost (or are attention
+  kernels, `attention_kernel_cost`)."""
   for comp, inst, mult in module.instructions():
     if inst.opcode == "custom-call" and comp.name not in module.fused and "estimated_cycles" not in inst.attrs:
       flop = inst.attr(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
       if flop is not None:
         yield float(flop), float(inst.attr(r'"bytes_accessed":"(\d+)"') or 0), mult
+      else:
+        attention = attention_kernel_cost(module, comp, inst)
+        if attention is not None:
+          yield (*attention, mult)
 
 
 _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",

@@ -101,9 +101,15 @@ def mesh_for(job: Job, devices: list[Any], slice_axis: str = "data") -> jax.shar
   return sharding.make_mesh(dict(zip(sharding.AXES, job.mesh_shape)), devices, slice_axis=slice_axis)
 
 
-def round_rows(rows: int, mesh_shape: tuple[int, int, int], grad_accum: int = 1) -> int:
-  """`rows` rounded up so each micro-batch splits over the batch axes (data x fsdp)."""
-  multiple = mesh_shape[0] * mesh_shape[1] * grad_accum
+def round_rows(rows: int, mesh_shape: tuple[int, int, int], grad_accum: int = 1, sequence_split: bool = False
+               ) -> int:
+  """`rows` rounded up so each micro-batch splits over the batch axes (data x fsdp). `sequence_split` (a training
+  step): a micro-batch of fewer rows than data x fsdp stays that small (it splits over its sequence instead)."""
+  batch_devices = mesh_shape[0] * mesh_shape[1]
+  micro = -(-rows // grad_accum)
+  if sequence_split and micro < batch_devices:
+    return micro * grad_accum
+  multiple = batch_devices * grad_accum
   return -(-rows // multiple) * multiple
 
 
@@ -144,7 +150,8 @@ def base_job(config: Any, program: str, mesh_shape: tuple[int, int, int]) -> Job
   if program not in PROGRAMS:
     raise ValueError(f"aot.programs: unknown program {program!r}; choose from {', '.join(PROGRAMS)}")
   t = config.train
-  return Job(program, mesh_shape, round_rows(t.batch_size, mesh_shape, t.grad_accum), config.data.max_length,
+  return Job(program, mesh_shape, round_rows(t.batch_size, mesh_shape, t.grad_accum, sequence_split=True),
+             config.data.max_length,
              remat=bool(t.remat), remat_policy=str(t.get("remat_policy", "full")), grad_accum=int(t.grad_accum))
 
 
@@ -173,10 +180,9 @@ def escalations(job: Job, max_accum: int = 8) -> Iterator[Job]:
   for policy in ladder[max(start + 1, 1):]:  # ("dots" keeps attention scores: no help where memory is short)
     job = dataclasses.replace(job, remat=True, remat_policy=policy)
     yield job
-  d, f, _ = job.mesh_shape
   accum = job.grad_accum * 2
-  while accum <= max_accum and job.rows % (accum * d * f) == 0:
-    yield dataclasses.replace(job, grad_accum=accum)
+  while accum <= max_accum and job.rows % accum == 0:  # a micro-batch of fewer rows than data x fsdp splits over
+    yield dataclasses.replace(job, grad_accum=accum)  # its sequence (`sharding.rows_spec`)
     accum *= 2
 
 

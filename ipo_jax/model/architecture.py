@@ -14,6 +14,8 @@ FULL = "full_attention"
 SLIDING = "sliding_attention"
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
+# How cache-less calls attend (`ModelConfig.attention`, the `model.attention` setting; ipo_jax/model/attention.py).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +77,11 @@ class ModelConfig:
   max_position_embeddings: int = 8192
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
+  attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS: a run setting, not read from the HF config
 
   def __post_init__(self):
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"model.attention={self.attention!r}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if not self.layer_types:
       object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
     if len(self.layer_types) != self.num_layers:

@@ -344,18 +344,20 @@ def _source_and_config(path: str) -> tuple[Any, Any]:
   return SafetensorsSource(path), hf_config
 
 
-def model_config(path_or_id: str = EMBEDDED, allow_hub: bool = False) -> ModelConfig:
+def model_config(path_or_id: str = EMBEDDED, allow_hub: bool = False, attention: str = "auto") -> ModelConfig:
   """The architecture of a model (what `load_model` would load) without reading its weights."""
   if presets.is_preset(path_or_id):
-    return presets.model_config(path_or_id)
+    return dataclasses.replace(presets.model_config(path_or_id), attention=attention)
   path = resolve_model_path(path_or_id, allow_hub=allow_hub)
-  return ModelConfig.from_hf(_source_and_config(path)[1] if path.endswith(".gguf") else _hf_config(path))
+  cfg = ModelConfig.from_hf(_source_and_config(path)[1] if path.endswith(".gguf") else _hf_config(path))
+  return dataclasses.replace(cfg, attention=attention)
 
 
 def load_model(path_or_id: str = EMBEDDED, dtype: str | Any = "float32",
-               mesh: jax.sharding.Mesh | None = None, allow_hub: bool = False) -> Model:
+               mesh: jax.sharding.Mesh | None = None, allow_hub: bool = False, attention: str = "auto") -> Model:
   """Loads a model from a HF directory, a hub id, a `.gguf` file, "embedded", "gemma3-270m" or `preset:<name>`
-  (a published architecture with random weights and no tokenizer, see `presets`).
+  (a published architecture with random weights and no tokenizer, see `presets`). `attention`: how its cache-less
+  calls attend (`ModelConfig.attention`, ipo_jax/model/attention.py).
 
   A missing path that reads as local is an error, not a hub download, unless `allow_hub` (`check_model_path`)."""
   from ipo_jax.model import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
@@ -364,20 +366,20 @@ def load_model(path_or_id: str = EMBEDDED, dtype: str | Any = "float32",
   jdtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
   mesh = mesh or sharding.make_mesh()
   if presets.is_preset(path_or_id):
-    return load_preset(path_or_id, jdtype, mesh)
+    return load_preset(path_or_id, jdtype, mesh, attention=attention)
   path = resolve_model_path(path_or_id, allow_hub=allow_hub)
   source, hf_config = _source_and_config(path)
-  cfg = ModelConfig.from_hf(hf_config)
+  cfg = dataclasses.replace(ModelConfig.from_hf(hf_config), attention=attention)
   params = load_params(source, cfg, mesh, jdtype)
   tok = tokenizer_lib.load_tokenizer(path) if _has_tokenizer(path) else None
   name = path_or_id if path_or_id not in ("", EMBEDDED) else "SmolLM2-135M-Instruct (embedded GGUF)"
   return Model(config=cfg, params=params, tokenizer=tok, mesh=mesh, hf_config=hf_config, name=name, dtype=jdtype)
 
 
-def load_preset(path: str, dtype: Any, mesh: jax.sharding.Mesh, seed: int = 0) -> Model:
+def load_preset(path: str, dtype: Any, mesh: jax.sharding.Mesh, seed: int = 0, attention: str = "auto") -> Model:
   """`preset:<name>`: the published architecture with seeded random weights made on `mesh`, and no tokenizer."""
   hf_config = presets.hf_config(path)
-  cfg = ModelConfig.from_hf(hf_config)
+  cfg = dataclasses.replace(ModelConfig.from_hf(hf_config), attention=attention)
   params = presets.random_params(cfg, mesh, dtype, seed)
   return Model(config=cfg, params=params, tokenizer=None, mesh=mesh, hf_config=hf_config, name=path, dtype=dtype)
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipo_jax import sharding
+from ipo_jax.model import attention
 from ipo_jax.model.architecture import SLIDING, ModelConfig, RopeSpec
 from ipo_jax.model.params import param_shapes
 from ipo_jax.sharding import constrain, platform
@@ -208,8 +210,12 @@ def _attend(cfg: ModelConfig, q, k, v, mask):
   return jnp.einsum("...qs,...sd->...qd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
+def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False, segments=None, sliding=False):
   """q [B,T,H,Dh]; k, v [B,Hkv,S,Dh]; mask [B,T,S] -> [B,T,H*Dh]; or one row of each, without the B axis.
+
+  The one attention function: a cache-less call (`causal_blocks`) goes to the fused kernel that
+  `attention.implementation` picks from `cfg.attention` and the mesh's platform (splash needs `segments` [B,T], the
+  call's mask as segment ids, and the layer's type `sliding`); everything else attends here, with XLA.
 
   `causal_blocks` (a cache-less call, S = T, the mask causal): each block of QUERY_BLOCK queries is computed only
   against the keys up to its end, which skips the upper triangle's blocks (the same result; about half the
@@ -219,6 +225,12 @@ def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
   and one row's score blocks stay in cache. The platform is the mesh's (`sharding.platform`), so a program traced
   on a CPU host for a TPU mesh takes the batched path it would take there."""
   one_row = q.ndim == 3
+  if causal_blocks and not one_row:
+    kernel = attention.implementation(cfg, q.dtype, q.shape[1], True, segments is not None)
+    if kernel == "splash":
+      return attention.splash(cfg, q, k, v, segments, sliding)
+    if kernel == "cudnn":
+      return attention.cudnn(cfg, q, k, v, mask)
   if causal_blocks and not one_row and platform() == "cpu":
     return jax.lax.map(lambda row: _attention(cfg, *row, causal_blocks=True), (q, k, v, mask))
   if causal_blocks and q.shape[-3] > QUERY_BLOCK:
@@ -240,9 +252,12 @@ def _attention(cfg: ModelConfig, q, k, v, mask, causal_blocks: bool = False):
   return out.reshape(b, kv_heads, t, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
 
 
-def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, cache_kv, out_in: bool = False):
+def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, cache_kv, out_in: bool = False,
+           segments=None, blocks: bool = True):
   """One decoder layer; returns the new hidden state and this layer's (k, v) as stored. `out_in`: the projection
-  weights of `p` are stored [out, in] (`decode_layers`)."""
+  weights of `p` are stored [out, in] (`decode_layers`); `segments`: a cache-less call's mask as segment ids, when
+  it is one (`_attention`); `blocks`: a cache-less call may attend block by block (not when split over its
+  sequence)."""
   b, t, _ = h.shape
   x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q = _dense(x, p["q"], "btd,de->bte", out_in)
@@ -268,7 +283,8 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
                                                         lead + (0, 0, start, 0))
     ck, cv = write(ck, k), write(cv, v)
     k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])
-  attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window), causal_blocks=cache_kv is None)
+  attn = _attention(cfg, q, k, v, kv_mask_fn(layer_window), causal_blocks=cache_kv is None and blocks,
+                    segments=segments, sliding=is_sliding)
   attn = _dense(attn, p["o"], "bte,ed->btd", out_in)
   if cfg.o_bias:
     attn = attn + p["o_bias"]
@@ -381,11 +397,17 @@ def forward(
   is_sliding = np.array([lt == SLIDING for lt in cfg.layer_types])
   windows = np.where(is_sliding, cfg.sliding_window or _NO_WINDOW, _NO_WINDOW).astype(np.int32)
 
+  # A cache-less call's mask as segment ids (padding 0), for a kernel that takes them; none with branches. Rows
+  # split over their sequence (`sharding.sequence_split`) attend with XLA over whole rows of keys, gathered.
+  split = cache is None and sharding.sequence_split(b, t)
+  segments = None if cache is not None or branch_ids is not None or split else (
+      attention_mask.astype(jnp.int32) if segment_ids is None else segment_ids)
+
   def body(carry, xs):
     h, kv = carry
     p, window, sliding, layer = xs
     h, kv = _layer(cfg, h, p, window, sliding, rope, kv_mask,
-                   None if cache is None else (*kv, cache["length"], layer))
+                   None if cache is None else (*kv, cache["length"], layer), segments=segments, blocks=not split)
     return (h, kv), None
 
   if remat:

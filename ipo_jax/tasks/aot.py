@@ -18,21 +18,16 @@ from typing import Any
 
 from ipo_jax import runtime
 from ipo_jax.aot import hlo, jobs, targets
-from ipo_jax.model import loading
 from ipo_jax.rundir import RunDir
 
 ROWS_FILE = "programs.jsonl"
 GIB = 2.0**30
 
 
-def model_config(config: Any):
-  """The architecture of `config.model` (a preset, a path or a hub id), without its weights."""
-  return loading.model_config(config.model.path, allow_hub=bool(config.model.get("allow_hub", False)))
-
-
 def identity(config: Any) -> dict[str, Any]:
   """Everything a row depends on: the model's shapes, the target and the sections the programs read."""
-  return {"model": config.model.path, "dtype": config.model.dtype, "target": config.target, "programs": config.programs,
+  return {"model": config.model.path, "dtype": config.model.dtype, "attention": config.model.get("attention", "auto"),
+          "target": config.target, "programs": config.programs,
           "mesh": dict(config.mesh.shape), "mesh_auto": bool(config.mesh.auto),
           "mesh_candidates": config.mesh.candidates, "slice_axis": config.mesh.slice_axis, "aot": config.aot.to_dict(),
           "scoring.max_length": config.scoring.max_length, "sampling": config.sampling.to_dict(),
@@ -174,7 +169,7 @@ def report_table(target: Any, cfg_name: str, rows: list[dict[str, Any]], best: d
 
 def run(config: Any) -> dict[str, Any]:
   target = targets.parse(config.target)
-  cfg = model_config(config)
+  cfg = runtime.model_config_from_config(config)
   names = programs_of(config)
   if not config.mesh.auto:
     explicit_mesh(config, target.num_devices)  # refused before the run directory is opened

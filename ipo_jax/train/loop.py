@@ -36,13 +36,12 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ipo_jax import runtime, sharding
 from ipo_jax.model import chat, transformer
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.rundir import RunDir
-from ipo_jax.train import checkpoint as checkpoint_lib, guards, objectives, pairs as pairs_lib
+from ipo_jax.train import checkpoint as checkpoint_lib, guards, objectives, pairs as pairs_lib, steps as steps_lib
 from ipo_jax.train.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, last_rows, plot_curves, read_metrics
 from ipo_jax.train.objectives import REFERENCE_FILE  # pylint: disable=unused-import  # DPO's, named here too
 from ipo_jax.train.optimizer import OptimSpec
@@ -126,9 +125,6 @@ def check_batching(config: Any, num_rows: int, mesh: jax.sharding.Mesh, unit: st
   if t.batch_size % t.grad_accum:
     raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum}")
   micro = t.batch_size // t.grad_accum
-  if micro % multiple:
-    raise ValueError(f"the micro-batch (train.batch_size / train.grad_accum = {micro}) must be a multiple of "
-                     f"{multiple}, the data x fsdp mesh size")
   if config.eval.batch_size % multiple:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} must be a multiple of {multiple}")
   per_epoch = num_rows // t.batch_size
@@ -157,9 +153,12 @@ def _train_batch(job: Job, step: int, prepared: dict[str, Any]) -> tuple[dict[st
   batch = job.objective.collate(job, job.train_set, idx)
   tokens = int(batch["attention_mask"].sum())
   job.objective.add_to_batch(job, batch, idx, prepared)
-  accum_shard = NamedSharding(job.mesh, P(None, sharding.BATCH))
-  return {k: sharding.to_global(v.reshape((t.grad_accum, job.micro) + v.shape[1:]), accum_shard)
-          for k, v in batch.items()}, tokens
+  multiple = sharding.batch_multiple(job.mesh)
+  if job.micro % multiple:  # fewer (or other) rows than data x fsdp: the micro-batch splits over its sequence
+    batch = steps_lib.pad_sequences(batch, multiple, job.pad_id)
+  shapes = {k: (t.grad_accum, job.micro) + v.shape[1:] for k, v in batch.items()}
+  places = steps_lib.batch_shardings(job.mesh, shapes)
+  return {k: sharding.to_global(v.reshape(shapes[k]), places[k]) for k, v in batch.items()}, tokens
 
 
 def _checkpoint_meta(job: Job, step: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -242,12 +243,11 @@ def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer
   frozen_shards = base_shards if frozen else None
   rep = sharding.replicated(mesh)
   batch_shards = NamedSharding(mesh, P(sharding.BATCH))
-  accum_shards = NamedSharding(mesh, P(None, sharding.BATCH))
   jit = functools.partial(sharding.jit, mesh=mesh)
   init = jit(init_state, in_shardings=(base_shards, rep), out_shardings=state_shards, static_argnums=(0, 1))
   init_donating = jit(init_state, in_shardings=(base_shards, rep), out_shardings=state_shards, static_argnums=(0, 1),
                       donate_argnums=(2,))
-  train = jit(train_step, in_shardings=(state_shards, frozen_shards, accum_shards),
+  train = jit(train_step, in_shardings=(state_shards, frozen_shards, None),  # the batch as placed: batch_shardings
               out_shardings=(state_shards, rep), static_argnums=(0, 1, 2), donate_argnums=(3,))
   policy = jit(logps_step, in_shardings=(state_shards.params, frozen_shards, batch_shards), out_shardings=rep,
                static_argnums=(0, 1))
@@ -264,6 +264,29 @@ def build_steps(cfg: ModelConfig, s: Settings, opt: OptimSpec, base: transformer
                state_shardings=state_shards, state_shapes=state_shapes)
 
 
+# A train batch's arrays with a sequence (last) dim; the rest ([accum, micro] weights, targets, reference log-probs)
+# are per row.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "branch_ids")
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, shapes: dict[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
+  """Where a train batch's [accum, micro, ...] arrays go: the micro-batch's rows over (data, fsdp), or, for a
+  micro-batch of fewer rows than those devices, its sequences' tokens (`sharding.rows_spec`; the arrays without a
+  sequence whole)."""
+  return {k: NamedSharding(mesh, sharding.rows_spec(mesh, shape, 1, len(shape) - 1 if k in SEQUENCE_KEYS else None))
+          for k, shape in shapes.items()}
+
+
+def pad_sequences(batch: dict[str, np.ndarray], multiple: int, pad_id: int) -> dict[str, np.ndarray]:
+  """`batch` with its sequences right-padded to a multiple of `multiple` tokens (`pad_id`, masks and ids 0: padding
+  in every layout), so a micro-batch split over its sequence splits evenly."""
+  extra = -batch["input_ids"].shape[-1] % multiple
+  if not extra:
+    return batch
+  pad = lambda k, v: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, extra)], constant_values=pad_id if k == "input_ids" else 0)
+  return {k: pad(k, v) if k in SEQUENCE_KEYS else v for k, v in batch.items()}
+
+
 def uses_frozen(s: Settings) -> bool:
   """Whether the steps take the base params as their frozen argument (LoRA, or the on-the-fly reference)."""
   return s.lora is not None or s.reference == "on_the_fly"
@@ -277,13 +300,14 @@ def train_lowerable(cfg: ModelConfig, s: Settings, opt: OptimSpec, mesh: jax.sha
   base = sharding.abstract_params(cfg, dtype, mesh)
   steps = build_steps(cfg, s, opt, base, uses_frozen(s), mesh)
   state = sharding.abstract_tree(steps.state_shapes, steps.state_shardings)
-  accum = NamedSharding(mesh, P(None, sharding.BATCH))
   rows = (grad_accum, micro_batch) + ((2,) if s.objective == "dpo" else ())  # SFT: one sequence per row
-  batch = {k: sharding.abstract(rows + (length,), jnp.int32, accum) for k in ("input_ids", "attention_mask", "loss_mask")}
+  shapes = {k: (rows + (length,), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
   if s.objective == "sft":
-    batch["weight"] = sharding.abstract((grad_accum, micro_batch), jnp.float32, accum)
+    shapes["weight"] = ((grad_accum, micro_batch), jnp.float32)
   elif s.reference == "precomputed":
-    batch["ref_logps"] = sharding.abstract((grad_accum, micro_batch, 2), jnp.float32, accum)
+    shapes["ref_logps"] = ((grad_accum, micro_batch, 2), jnp.float32)
+  places = batch_shardings(mesh, {k: shape for k, (shape, _) in shapes.items()})
+  batch = {k: sharding.abstract(shape, dtype_, places[k]) for k, (shape, dtype_) in shapes.items()}
   # steps.train binds (s, cfg, opt); lower the jitted function under it with the same arguments.
   return sharding.Lowerable("dpo_step", steps.train.func, steps.train.args + (
       state, base if uses_frozen(s) else None, batch), mesh)

@@ -62,3 +62,4 @@ def test_gpu_check_runs_the_task_programs_with_random_arguments():
   row = {"model": "m", "program": "dpo", "rows": 2, "seq": 32, "ipo_jax": {"seconds": 0.5, "mfu": 0.4},
          "torch": {"seconds": 1.0}}
   assert gpu.line(row) == "m dpo 2 x 32 x 2: ipo_jax 500.0 ms (MFU 40%); torch 1000.0 ms; 2.00x PyTorch"
+  assert gpu.line(dict(row, attention="xla")).startswith("m dpo 2 x 32 x 2 (attention xla): ipo_jax 500.0 ms")

@@ -3,6 +3,7 @@ slice / host network or across it."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -121,3 +122,41 @@ def test_gpu_two_hosts_cross_host_collectives_over_infiniband():
 def test_ring_factors():
   assert [hlo._RING[k](4) for k in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")] == [
       3, 0.75, 1.5, 0.75]
+
+
+@needs_gpu
+def test_gpu_attention_is_cudnn_costed_by_its_shape():
+  """On a GPU mesh a bf16 cache-less call attends with cuDNN's fused attention (`model.attention=auto`), forward
+  and backward kernels once per layer, each charged its causal FLOPs (cuDNN states no cost)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from ipo_jax import sharding  # pylint: disable=import-outside-toplevel
+  from ipo_jax.aot import hlo_module, jobs  # pylint: disable=import-outside-toplevel
+  from ipo_jax.ipo import programs  # pylint: disable=import-outside-toplevel
+  from ipo_jax.model.architecture import ModelConfig  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig("llama", vocab_size=4096, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8,
+                    num_kv_heads=4, head_dim=32)
+  target = Target("gpu:h100x8")
+  mesh = sharding.make_mesh({"fsdp": 8}, target.devices())
+
+  def kernels(c, lowerable=None):
+    lowerable = lowerable or programs.lowerable(c, mesh, jnp.bfloat16, "plain", 16, 200)
+    module = hlo_module.parse_module(lowerable.lower().compile().as_text())
+    return [(inst.name, runs, hlo_module.attention_kernel_cost(module, comp, inst))
+            for comp, inst, runs in module.instructions() if inst.opcode == "custom-call"
+            and hlo_module.attention_kernel_cost(module, comp, inst) is not None]
+
+  found = kernels(cfg)
+  assert [runs for _, runs, _ in found] == [cfg.num_layers], found
+  queries = 2 * 200 * cfg.num_heads * cfg.head_dim  # per device: 2 rows
+  assert found[0][2][0] == pytest.approx(2 * 2 * queries * 200 * 201 / 400)
+  assert not kernels(dataclasses.replace(cfg, attention="xla"))
+  config = ml_collections.ConfigDict({
+      "model": {"dtype": "bfloat16"}, "dpo": dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                                                 reference="precomputed"),
+      "train": dict(compute_dtype="auto", remat=False, vocab_chunk=8192), "lora": dict(rank=0),
+      "optim": dict(learning_rate=1e-6, schedule="cosine", warmup_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
+                    eps=1e-8, max_grad_norm=1.0)})
+  job = jobs.Job("sft", (1, 8, 1), rows=8, length=200)
+  step = kernels(cfg, jobs.lowerable(config, cfg, job, jobs.mesh_for(job, target.devices())))
+  backward = [cost for name, _, cost in step if "bwd" in name or "backward" in name.lower()]
+  assert len(step) == 2 and len(backward) == 1 and backward[0][0] == pytest.approx(2.5 * found[0][2][0] / 2), step

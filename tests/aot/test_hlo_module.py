@@ -112,3 +112,20 @@ def test_convolution_flops_skip_the_padded_window():
   up, down = comp.instructions["up"], comp.instructions["down"]
   assert hlo_module.instruction_flops(module, comp, up) == 2 * 1024 * 14336 * (2 * 256)
   assert hlo_module.instruction_flops(module, comp, down) == 2 * 1024 * 14336 * 256 * 2
+
+
+def test_an_instruction_over_several_lines_is_one_instruction():
+  """A Pallas kernel's metadata spans lines (one starting with "}"); the computation goes on after it."""
+  text = "\n".join([
+      "HloModule m, num_partitions=1",
+      "%body (p: f32[4]) -> f32[4] {",
+      "  %p = f32[4]{0} parameter(0)",
+      '  %k = f32[4]{0} custom-call(%p), custom_call_target="tpu_custom_call", frontend_attributes={meta={',
+      '"xprof":"{\\"block_q\\": 128}"',
+      '}}, metadata={op_name="a/b"}',
+      "  ROOT %n = f32[4]{0} negate(%k)",
+      "}",
+  ])
+  body = hlo_module.parse_module(text).computations["body"]
+  assert list(body.instructions) == ["p", "k", "n"]
+  assert body.instructions["k"].attr(r'op_name="([^"]+)"') == "a/b" and body.root.name == "n"

@@ -50,8 +50,11 @@ def test_candidate_meshes_and_escalations():
   assert jobs.candidate_meshes(16, TINY) == [(1, 16, 1), (2, 8, 1), (1, 8, 2), (2, 4, 2), (1, 4, 4), (2, 2, 4),
                                              (1, 2, 8), (2, 1, 8)]
   assert jobs.round_rows(10, (2, 4, 1)) == 16 and jobs.round_rows(16, (1, 4, 1), grad_accum=2) == 16
+  # A training step's micro-batch may hold fewer rows than data x fsdp (it splits over its sequence).
+  assert jobs.round_rows(6, (2, 4, 1), grad_accum=2, sequence_split=True) == 6
+  assert jobs.round_rows(10, (1, 4, 1), grad_accum=2, sequence_split=True) == 16
   tried = [(j.remat_label, j.grad_accum) for j in jobs.escalations(jobs.Job("dpo", (1, 4, 1), 16, 128))]
-  assert tried == [("off", 1), ("minimal", 1), ("full", 1), ("full", 2), ("full", 4)]
+  assert tried == [("off", 1), ("minimal", 1), ("full", 1), ("full", 2), ("full", 4), ("full", 8)]
   minimal = jobs.Job("dpo", (1, 4, 1), 16, 128, remat=True, remat_policy="minimal")
   assert [j.key for j in jobs.escalations(minimal)][:2] == ["dpo[1x4x1,remat=minimal,accum=1,rows=16]",
                                                              "dpo[1x4x1,remat=full,accum=1,rows=16]"]

@@ -84,3 +84,44 @@ def test_tpu_weights_gathered_per_layer_not_streamed(devices):
   assert "collective-permute" not in kinds, found
   per_layer = [c for c in found if c.kind == "all-gather" and c.runs == cfg.num_layers]
   assert len(per_layer) == 7, per_layer  # q, k, v, o, gate, up, down
+
+
+def _attention_kernels(lowerable) -> list[tuple[str, float, float]]:
+  """(kernel name, runs, FLOPs the estimator charges) of every fused attention kernel of a compiled program."""
+  module = hlo_module.parse_module(lowerable.lower().compile().as_text())
+  found = []
+  for comp, inst, runs in module.instructions():
+    cost = hlo_module.attention_kernel_cost(module, comp, inst) if inst.opcode == "custom-call" else None
+    if cost is not None:
+      found.append((inst.name, runs, cost[0]))
+  return found
+
+
+def test_tpu_attention_is_splash_costed_by_its_blocks(devices):
+  """On a TPU mesh a cache-less call attends with splash attention (`model.attention=auto`): scoring runs its
+  forward kernel once per layer, and the estimator charges it the causal blocks' FLOPs of its per-device shape (the
+  kernel states no cost); with attention=xla there is no kernel. A training step also runs the two backward ones."""
+  mesh = sharding.make_mesh({"fsdp": 4}, devices)
+  kernels = _attention_kernels(programs.lowerable(TINY, mesh, jnp.bfloat16, "plain", 8, 384))
+  assert [(runs, "fwd" in name) for name, runs, _ in kernels] == [(TINY.num_layers, True)], kernels
+  queries = 2 * TINY.num_heads * 384 * TINY.head_dim  # per device: 2 rows
+  assert kernels[0][2] == 2 * 2 * queries * 384 * (3 + 1) / (2 * 3)  # 3 blocks of 128: 6 of 9 block pairs
+  assert not _attention_kernels(programs.lowerable(dataclasses.replace(TINY, attention="xla"), mesh, jnp.bfloat16,
+                                                   "plain", 8, 384))
+  job = jobs.Job("sft", (1, 4, 1), rows=4, length=256)
+  step = _attention_kernels(jobs.lowerable(TRAIN, TINY, job, jobs.mesh_for(job, devices)))
+  roles = sorted(r for name, _, _ in step for r in ("fwd", "dq", "dkv") if f"_{r}_" in name)
+  assert roles == ["dkv", "dq", "fwd"], step
+
+
+def test_a_micro_batch_smaller_than_the_batch_axes_splits_over_its_sequence(devices):
+  """A training step of 2 sequences per micro-batch on fsdp=4: the batch goes over its tokens (the input's last
+  dim), and each device runs about a quarter of the one-device program's matmul FLOPs, not a replica of it."""
+  job = jobs.Job("sft", (1, 4, 1), rows=2, length=256)
+  compiled = jobs.lowerable(TRAIN, TINY, job, jobs.mesh_for(job, devices)).lower().compile()
+  batch = compiled.input_shardings[0][-1]
+  assert batch["input_ids"].spec == sharding.P(None, None, sharding.BATCH)
+  one = dataclasses.replace(job, mesh_shape=(1, 1, 1))
+  single = jobs.lowerable(TRAIN, TINY, one, jobs.mesh_for(one, devices[:1])).lower().compile()
+  per_device, whole = (hlo_module.flops(hlo_module.parse_module(c.as_text())) for c in (compiled, single))
+  assert 0.2 < per_device / whole < 0.3, (per_device, whole)  # (the attention paths differ: splash on one device)

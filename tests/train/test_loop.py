@@ -226,12 +226,15 @@ def test_batching_errors_name_the_setting(trained):
 
 
 def _multidevice_worker(out_path: str) -> None:
-  """One step on 1 device (no accumulation) and on fsdp=4 × tensor=2 (2 micro-batches); params to `out_path`."""
+  """One step on 1 device (no accumulation), on fsdp=4 × tensor=2 (2 micro-batches) and on fsdp=8 with micro-batches
+  of 2 pairs (4 micro-batches: fewer rows than devices, so the batch splits over its sequence); params to
+  `out_path`."""
   devices = jax.devices()
   assert len(devices) == 8, devices
   results, specs = {}, {}
   for name, mesh, accum in (("one", sharding.make_mesh(None, devices[:1]), 1),
-                            ("eight", sharding.make_mesh({"fsdp": 4, "tensor": 2}), 2)):
+                            ("eight", sharding.make_mesh({"fsdp": 4, "tensor": 2}), 2),
+                            ("sequence", sharding.make_mesh({"fsdp": 8}), 4)):
     model = _toy_model(mesh)
     model.params = jax.device_put(model.params, sharding.param_shardings(model.params, mesh))
     config = train_config("", steps=2)
@@ -242,6 +245,9 @@ def _multidevice_worker(out_path: str) -> None:
     results[name] = {sharding.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     results[name]["loss"] = np.asarray(summary["train"]["loss"])
     specs[name] = list(params["layers"]["q"].sharding.spec)
+    if name == "sequence":  # what a micro-batch of 2 pairs is placed as
+      specs["sequence_batch"] = {k: list(v.spec) for k, v in steps.batch_shardings(
+          mesh, {"input_ids": (4, 2, 2, 64), "ref_logps": (4, 2, 2)}).items()}
   np.savez(out_path, **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()})
   print(json.dumps(specs))
 
@@ -254,12 +260,15 @@ def test_eight_devices_equal_one_device(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "tests.train.test_loop", out], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert json.loads(proc.stdout.strip().splitlines()[-1])["eight"] == [None, "fsdp", "tensor"]  # really sharded
+  specs = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert specs["eight"] == [None, "fsdp", "tensor"]  # really sharded
+  assert specs["sequence_batch"] == {"input_ids": [None, None, None, ["data", "fsdp"]], "ref_logps": [None, None, None]}
   with np.load(out) as f:
     names = [k[len("one/"):] for k in f.files if k.startswith("one/")]
     assert len(names) > 10
-    for k in names:
-      np.testing.assert_allclose(f[f"eight/{k}"], f[f"one/{k}"], atol=1e-5, rtol=0, err_msg=k)
+    for mesh in ("eight", "sequence"):
+      for k in names:
+        np.testing.assert_allclose(f[f"{mesh}/{k}"], f[f"one/{k}"], atol=1e-5, rtol=0, err_msg=f"{mesh}: {k}")
 
 
 def _task_setup(tmp_path):
