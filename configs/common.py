@@ -203,7 +203,8 @@ def training() -> ConfigDict:
       # A non-finite loss, gradients or weights always stop the run; so does, after divergence_warmup steps, a loss
       # above divergence_factor x max(median of the losses so far, the zero-margin loss, e.g. ln 2): 0 turns it off.
       # remat: recompute each layer in the backward pass, keeping what remat_policy names (transformer.REMAT_POLICIES:
-      # full keeps only the layer inputs; minimal also the projections' outputs; dots every matmul's output).
+      # full keeps only the layer inputs; minimal also the projections' outputs; dots every matmul's output; offload
+      # keeps minimal's in host memory, on TPU or GPU).
       "train": dict(batch_size=8, grad_accum=1, epochs=1, max_steps=0, stop_after_steps=0, compute_dtype="auto",
                     remat=False, remat_policy="full", vocab_chunk=8192, divergence_factor=10.0,
                     divergence_warmup=3),

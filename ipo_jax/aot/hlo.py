@@ -39,7 +39,8 @@ Time model (an estimate from the compiled program, not a measurement; per device
 - FLOPs: dots, convolutions, cuBLAS gemms, kernels stating their cost and fused attention kernels, x trip counts; elementwise work is not
   counted. XLA's cost_analysis (`flops_cost_analysis`) counts each loop body once.
 - memory: argument + output - alias + temp + generated code, against the compiler's usable HBM per device; a compile
-  refused with RESOURCE_EXHAUSTED reports the bytes the compiler said it needed.
+  refused with RESOURCE_EXHAUSTED reports the bytes the compiler said it needed. Activations offloaded to host
+  memory (remat policy "offload") are reported (`host_offload_bytes`) but their transfers are not timed.
 """
 
 
@@ -68,6 +69,7 @@ class Analysis:
   flops: float | None = None
   flops_cost_analysis: float | None = None  # XLA's cost_analysis (loop bodies once); None where it has none (GPU)
   hbm_traffic_bytes: float | None = None  # bytes the kernels read and write in HBM, x trip counts (an estimate)
+  host_offload_bytes: float = 0.0  # host-memory buffers (remat "offload"): written, then read back; not timed
   loops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   collectives: dict[str, CollectiveSummary] = dataclasses.field(default_factory=dict)
   compute_seconds: float | None = None
@@ -116,6 +118,10 @@ def analyze(compiled: Any, target: Target, devices: list[Any] | None = None) -> 
   if module.unknown_loops:
     out.notes.append(f"trip count unknown (counted once): {', '.join(module.unknown_loops)}")
   out.hbm_traffic_bytes = hlo_module.hbm_bytes(module)
+  out.host_offload_bytes = hlo_module.host_buffer_bytes(module)
+  if out.host_offload_bytes:
+    out.notes.append(f"{out.host_offload_bytes / 2**30:.1f} GiB offloaded to host memory per step, written and "
+                     "read back over the host link: not in the time estimate")
   out.memory_seconds = out.hbm_traffic_bytes / target.hbm_bytes_per_s
   out.compute_seconds, out.compute_method = _compute_seconds(module, target, out.flops, out.memory_seconds)
   out.top_kernels = top_kernels(module, target, out.compute_seconds)

@@ -427,6 +427,17 @@ def hbm_bytes(module: Module) -> float:
   return total
 
 
+HOST_MEMORY_SPACE = 5  # TPU layouts mark arrays in the host's (pinned) memory S(5)
+
+
+def host_buffer_bytes(module: Module) -> float:
+  """Bytes of the host-memory buffers a program allocates per run (remat offloading: each is written in the forward
+  pass and read back in the backward)."""
+  return sum(sum(a.bytes for a in inst.shapes if a.memory_space == HOST_MEMORY_SPACE) * mult
+             for _, inst, mult in module.instructions()
+             if inst.opcode == "custom-call" and inst.attr(r'custom_call_target="([^"]+)"') == "AllocateBuffer")
+
+
 def _hbm(arrays: list[Array]) -> int:
   return sum(a.bytes for a in arrays if a.memory_space == 0)
 

@@ -345,6 +345,7 @@ REMAT_POLICIES = {
     "full": "nothing_saveable",  # only the layer's inputs: everything else recomputed
     "minimal": "dots_with_no_batch_dims_saveable",  # also the projections' outputs (attention recomputed)
     "dots": "dots_saveable",  # every matmul's output, attention scores included
+    "offload": "offload_dot_with_no_batch_dims",  # minimal's projections kept in host memory (TPU, GPU)
 }
 
 
@@ -353,6 +354,8 @@ def remat_policy(remat: bool | str) -> Any:
   name = "full" if remat is True else remat
   if name not in REMAT_POLICIES:
     raise ValueError(f"remat policy {name!r} is not one of {tuple(REMAT_POLICIES)}")
+  if name == "offload":
+    return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
   return getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
 
 

@@ -49,6 +49,7 @@ class Settings:
   def for_sft(cls, config: Any, platform: str | None = None) -> "Settings":
     """SFT's settings: the train and lora sections, objective "sft"."""
     t = config.train
+    _check_offload(t, platform)
     return sections.from_section(cls, t, objective="sft", lora=lora_lib.config_from(config.get("lora")),
                                  compute_dtype=resolve_compute_dtype(t.compute_dtype, platform))
 
@@ -60,12 +61,21 @@ class Settings:
       raise ValueError(f"dpo.reference must be 'precomputed' or 'on_the_fly', got {d.reference!r}")
     if d.loss_type not in loss_lib.LOSS_TYPES:
       raise ValueError(f"dpo.loss_type {d.loss_type!r} is not one of {loss_lib.LOSS_TYPES}")
+    _check_offload(t, platform)
     return sections.from_section(cls, {**d, **t}, compute_dtype=resolve_compute_dtype(t.compute_dtype, platform),
                                  lora=lora_lib.config_from(config.get("lora")))
 
   def __post_init__(self):
     if self.remat_policy not in transformer.REMAT_POLICIES:
       raise ValueError(f"train.remat_policy {self.remat_policy!r} is not one of {tuple(transformer.REMAT_POLICIES)}")
+
+
+def _check_offload(train: Any, platform: str | None) -> None:
+  """Remat policy "offload" keeps activations in the host's memory, which a CPU mesh does not have apart."""
+  if train.get("remat", False) and train.get("remat_policy", "full") == "offload":
+    if (platform or sharding.platform()) == "cpu":
+      raise ValueError("train.remat_policy='offload' keeps activations in host memory, for a TPU or GPU mesh; on "
+                       "a CPU mesh use minimal or full")
 
 
 def resolve_compute_dtype(name: str, platform: str | None = None) -> str:

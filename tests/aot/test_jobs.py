@@ -186,3 +186,26 @@ def test_sft_step_compiles_with_the_dpo_steps_state_and_one_sequence_per_row(v5e
   analysis = _compile(jobs.lowerable(config, TINY, job, mesh), target)
   assert analysis.memory["argument"] == pytest.approx(12 * jobs.parameter_count(TINY) / 4, rel=0.05)
   assert [j.remat_label for j in jobs.escalations(job)][:3] == ["off", "minimal", "full"]
+
+
+def test_offload_remat_reports_its_host_memory(v5e):
+  """Remat policy "offload" keeps the projections' outputs in host memory: the step compiled for v5e 2x2 allocates
+  host buffers for them (reported, not timed), which "minimal" keeps on the device; a CPU mesh refuses it."""
+  config = ml_collections.ConfigDict({
+      "model": {"dtype": "bfloat16"}, "train": dict(compute_dtype="auto", remat=True, vocab_chunk=8192),
+      "lora": dict(rank=0), "optim": dict(learning_rate=1e-6, schedule="cosine", warmup_ratio=0.1,
+                                          weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0)})
+  rows = {}
+  for policy in ("minimal", "offload"):
+    job = jobs.Job("sft", (1, 4, 1), rows=8, length=256, remat=True, remat_policy=policy)
+    target, devices = v5e
+    rows[policy] = _compile(jobs.lowerable(config, TINY, job, jobs.mesh_for(job, devices)), target)
+  assert rows["minimal"].host_offload_bytes == 0 and rows["offload"].host_offload_bytes > 0
+  assert any("offloaded to host memory" in note for note in rows["offload"].notes)
+  # At least every projection's bf16 output for each of a device's 512 tokens and 4 layers goes to the host.
+  d, f, kv = TINY.hidden_size, TINY.intermediate_size, TINY.num_kv_heads * TINY.head_dim
+  projections = d + 2 * kv + d + 2 * f + d  # q, k, v, o, gate, up, down
+  assert projections * 2 * 512 * 4 <= rows["offload"].host_offload_bytes < 4 * projections * 2 * 512 * 4
+  config.train.remat_policy = "offload"
+  with pytest.raises(ValueError, match="train.remat_policy='offload' .* TPU or GPU mesh"):
+    jobs.dpo_settings(config, dataclasses.replace(job, remat_policy="offload"), "cpu")
