@@ -160,7 +160,7 @@ def check_config(config: Any) -> None:
   whether output_dir can be written. Raises ValueError (FileNotFoundError for a missing model) naming the key."""
   from ipo_jax import runtime  # pylint: disable=import-outside-toplevel  # these import jax
   from ipo_jax.model import loading, presets  # pylint: disable=import-outside-toplevel
-  from ipo_jax.model.architecture import ATTENTION_IMPLEMENTATIONS  # pylint: disable=import-outside-toplevel
+  from ipo_jax.model.architecture import check_attention  # pylint: disable=import-outside-toplevel
   for key, section in _sections(config):
     for name in ("batch_size", "max_batch"):
       value = section.get(name, None)
@@ -171,10 +171,7 @@ def check_config(config: Any) -> None:
   model = config.get("model", None)
   if model is not None and hasattr(model, "get"):
     loading.check_dtype(model.get("dtype", "float32"), "model.dtype")
-    attention = model.get("attention", "auto")
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"model.attention={attention!r}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
-                       "(--config.model.attention=<name>)")
+    check_attention(model.get("attention", "auto"))
     if model.get("path", None):
       loading.check_model_path(model.path, allow_hub=bool(model.get("allow_hub", False)))
       presets.check_task(model.path, config.get("task"))

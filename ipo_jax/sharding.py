@@ -183,21 +183,25 @@ def rows_spec(mesh: Any, shape: Sequence[int], row_axis: int = 0, length_axis: i
   return P(*spec)
 
 
+def context_mesh() -> Any:
+  """The (data, fsdp, tensor) mesh set with `jax.set_mesh`, as traced code sees it; None without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or not set(AXES) <= set(mesh.axis_names) else mesh
+
+
 def sequence_split(rows: int, length: int) -> bool:
   """Whether activations of `rows` x `length` tokens split over the sequence under the mesh set with `jax.set_mesh`
   (`rows_spec`): the batch axes do not divide the rows but do divide the length."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
-    return False
-  return rows_spec(mesh, (rows, length), 0, 1)[1] is not None
+  mesh = context_mesh()
+  return mesh is not None and rows_spec(mesh, (rows, length), 0, 1)[1] is not None
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` to the logical `axes` under the mesh set with `jax.set_mesh`; a no-op without one.
   An activation with both `batch` and `length` whose rows the batch axes do not divide is split over its sequence
   instead where they divide that (`rows_spec`)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+  mesh = context_mesh()
+  if mesh is None:
     return x
   spec = list(_fit(logical_spec(axes), x.shape, mesh))
   if "batch" in axes and "length" in axes:

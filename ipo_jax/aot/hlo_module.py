@@ -245,16 +245,22 @@ def instruction_flops(module: Module, comp: Computation, inst: Instruction) -> f
   if inst.opcode == "convolution":
     return _convolution_flops(module, comp, inst)
   if inst.opcode == "custom-call":
-    stated = inst.attr(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
-    if stated is not None:
-      return float(stated)
-    attention = attention_kernel_cost(module, comp, inst)
-    if attention is not None:
-      return attention[0]
+    kernel = custom_kernel_cost(module, comp, inst)
+    if kernel is not None:
+      return kernel[0]
     if "gemm" in (inst.attr(r'custom_call_target="([^"]+)"') or "") or "matmul" in inst.attrs[:200]:
       dims = inst.attr(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
       return 2.0 * inst.shapes[0].elements * _contracted(module, comp, inst, (dims or "").replace('"', ""))
   return 0.0
+
+
+def custom_kernel_cost(module: Module, comp: Computation, inst: Instruction) -> tuple[float, float] | None:
+  """(FLOPs, HBM bytes) of a custom kernel that states its cost (`cost_estimate`) or is a fused attention kernel
+  (`attention_kernel_cost`); None for any other."""
+  flop = inst.attr(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
+  if flop is not None:
+    return float(flop), float(inst.attr(r'"bytes_accessed":"(\d+)"') or 0)
+  return attention_kernel_cost(module, comp, inst)
 
 
 # FLOPs of a fused attention kernel per (query element x attended key): forward 2 GEMMs (scores, values); splash's
@@ -387,16 +393,12 @@ def kernel_label(inst: Instruction) -> str:
 
 def stated_kernels(module: Module) -> Iterator[tuple[float, float, float]]:
   """(flops, bytes, runs) of the custom kernels that carry no estimated cycles but state a cost (or are attention
-  kernels, `attention_kernel_cost`)."""
+  kernels: `custom_kernel_cost`)."""
   for comp, inst, mult in module.instructions():
     if inst.opcode == "custom-call" and comp.name not in module.fused and "estimated_cycles" not in inst.attrs:
-      flop = inst.attr(r'"cost_estimate":\{[^}]*?"flops":"(\d+)"')
-      if flop is not None:
-        yield float(flop), float(inst.attr(r'"bytes_accessed":"(\d+)"') or 0), mult
-      else:
-        attention = attention_kernel_cost(module, comp, inst)
-        if attention is not None:
-          yield (*attention, mult)
+      kernel = custom_kernel_cost(module, comp, inst)
+      if kernel is not None:
+        yield (*kernel, mult)
 
 
 _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",

@@ -18,6 +18,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
 
+def check_attention(name: str) -> None:
+  """A ValueError naming `model.attention` and its choices unless `name` is one of them."""
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={name!r}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
+                     "(--config.model.attention=<name>)")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeSpec:
   """Rotary embedding of one layer type (HF `rope_parameters` semantics)."""
@@ -80,8 +87,7 @@ class ModelConfig:
   attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS: a run setting, not read from the HF config
 
   def __post_init__(self):
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"model.attention={self.attention!r}: choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    check_attention(self.attention)
     if not self.layer_types:
       object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
     if len(self.layer_types) != self.num_layers:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ipo_jax.model.architecture import SLIDING, ModelConfig
-from ipo_jax.sharding import AXES, BATCH, platform
+from ipo_jax.sharding import BATCH, context_mesh, platform
 
 _PLATFORM_KERNEL = {"tpu": "splash", "gpu": "cudnn"}
 SPLASH_BLOCKS = (512, 256, 128)  # block sizes splash may use, largest first; a row length must be a multiple of one
@@ -99,8 +99,8 @@ def splash(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, segments:
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
       splash_attention_kernel as kernel_lib)
   b, t, h, dh = q.shape
-  mesh = jax.sharding.get_abstract_mesh()
-  sharded = not mesh.empty and set(AXES) <= set(mesh.axis_names)
+  mesh = context_mesh()
+  sharded = mesh is not None
   size = lambda axes: math.prod(mesh.shape[a] for a in axes) if sharded else 1
   batch = BATCH if sharded and b % size(BATCH) == 0 else None
   tensor = size(("tensor",)) if sharded else 1

@@ -347,9 +347,10 @@ def _source_and_config(path: str) -> tuple[Any, Any]:
 def model_config(path_or_id: str = EMBEDDED, allow_hub: bool = False, attention: str = "auto") -> ModelConfig:
   """The architecture of a model (what `load_model` would load) without reading its weights."""
   if presets.is_preset(path_or_id):
-    return dataclasses.replace(presets.model_config(path_or_id), attention=attention)
-  path = resolve_model_path(path_or_id, allow_hub=allow_hub)
-  cfg = ModelConfig.from_hf(_source_and_config(path)[1] if path.endswith(".gguf") else _hf_config(path))
+    cfg = presets.model_config(path_or_id)
+  else:
+    path = resolve_model_path(path_or_id, allow_hub=allow_hub)
+    cfg = ModelConfig.from_hf(_source_and_config(path)[1] if path.endswith(".gguf") else _hf_config(path))
   return dataclasses.replace(cfg, attention=attention)
 
 
