@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipo_jax import sharding
+from ipo_jax import host_memory, sharding
 from ipo_jax.model import params as params_lib, presets, transformer
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.model.gguf import GGUFSource
@@ -364,6 +364,7 @@ def load_model(path_or_id: str = EMBEDDED, dtype: str | Any = "float32",
   from ipo_jax.model import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
   check_dtype(dtype)
+  host_memory.release_memory_after_compiles()  # what runs this model peaks at its own memory (ipo_jax/host_memory.py)
   jdtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
   mesh = mesh or sharding.make_mesh()
   if presets.is_preset(path_or_id):

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ipo_jax import runtime, sharding
+from ipo_jax import host_memory, runtime, sharding
 from ipo_jax.model import chat, transformer
 from ipo_jax.model.architecture import ModelConfig
 from ipo_jax.rundir import RunDir
@@ -190,6 +190,7 @@ def init(model: Any, data: Any, config: Any, objective: Any = DPO, *, eval_data:
   `model.params` again; full fine-tuning with a precomputed reference then trains in their buffers (donated to the
   first state, or deleted on resume) instead of keeping them beside the trained copy."""
   guards.check_settings(config)
+  host_memory.release_memory_after_compiles()  # the peak memory is the run's, not its compilations' leftovers
   mesh = getattr(model, "mesh", None) or runtime.mesh_from_config(config)
   s = objective.settings(config)
   if reference_params is not None and s.reference != "precomputed":

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from ipo_jax import sections, sharding
@@ -63,10 +64,25 @@ def decay_mask(params: Any) -> Any:
       lambda p, _: not sharding.path_str(p).endswith(("norm", "bias")), params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` (the same state) with every gradient multiplied by one scalar, 1 or max_norm / norm,
+  as torch's `clip_grad_norm_` scales them. optax divides each element by the norm; XLA does not repeat a division
+  in each of its consumers (Adam's two moments), so every clipped gradient was written out and read back: on a CPU,
+  0.1 s of a 135M-weight step. A product it fuses into both."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim: Any, total_steps: int, params: Any) -> optax.GradientTransformation:
   """Clipping then AdamW on `params` (arrays, tracers or shapes: only the tree structure and names are used)."""
   return optax.chain(
-      optax.clip_by_global_norm(float(optim.max_grad_norm)) if optim.max_grad_norm else optax.identity(),
+      clip_by_global_norm(float(optim.max_grad_norm)) if optim.max_grad_norm else optax.identity(),
       optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                   weight_decay=optim.weight_decay, mask=decay_mask(params)))
 

@@ -169,8 +169,13 @@ def train_step(s: Settings, cfg: ModelConfig, opt: OptimSpec, state: TrainState,
 
 
 def all_finite(tree: Any) -> jax.Array:
-  """[] float32: 1 when every value of `tree` is finite, else 0 (the trainer's guard reads it each step)."""
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]).all().astype(jnp.float32)
+  """[] float32: 1 when every value of `tree` is finite, else 0 (the trainer's guard reads it each step).
+
+  The largest magnitude of each leaf below infinity (a NaN propagates through the max and fails the comparison):
+  XLA reads each weight once, where an `isfinite` per element wrote a mask of every weight before reducing it
+  (0.06 s of a 135M-weight step on a CPU)."""
+  peaks = [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  return (jnp.stack(peaks).max() < jnp.inf).astype(jnp.float32) if peaks else jnp.float32(1.0)
 
 
 def logps_step(s: Settings, cfg: ModelConfig, trainable: Any, frozen: Any, batch: dict[str, jax.Array]
