@@ -121,11 +121,8 @@ def _cpu_dense_bwd(res, dy):
 _cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
 
 
-def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
-  return _act(cfg.hidden_act, x)
-
-
 def _act(name: str, x: jax.Array) -> jax.Array:
+  """The MLP's activation `name` (`ModelConfig.hidden_act`)."""
   return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
 
 
@@ -136,7 +133,7 @@ def _cpu_gated_down(act: str, gate: jax.Array, up: jax.Array, w: jax.Array) -> j
   Autodiff keeps six [tokens, F] values per layer for it (the activation's intermediates, the product, the down
   projection's input); the backward here recomputes the elementwise part from gate and up instead, which took the
   gradient program's temporaries from 1273 to 913 MiB (SmolLM2-135M, 2 pairs x 2 x 128 tokens). Gradients are
-  those of `_activation` and `_cpu_dense`."""
+  those of `_act` and `_cpu_dense`."""
   return _cpu_dense(_act(act, gate) * up, w)
 
 
@@ -327,7 +324,7 @@ def _layer(cfg: ModelConfig, h, p, layer_window, is_sliding, rope, kv_mask_fn, c
   if platform() == "cpu" and not out_in:
     mlp = _cpu_gated_down(cfg.hidden_act, gate, up, p["down"])
   else:
-    mlp = constrain(_activation(cfg, gate) * up, MLP_HIDDEN)
+    mlp = constrain(_act(cfg.hidden_act, gate) * up, MLP_HIDDEN)
     mlp = _dense(mlp, p["down"], "btf,fd->btd", out_in)
   if cfg.post_norms:
     mlp = rms_norm(mlp, p["mlp_post_norm"], cfg.rms_norm_eps, cfg.norm_offset)
