@@ -184,12 +184,22 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
       raise DataError(f"{path}: line {n + 1} is not valid JSON") from None
 
 
+TEMP_SUFFIX = ".tmp"  # an atomic write's file before its rename; alone, it is what a killed write left
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes a file atomically (temp file + rename): a reader sees the old file or the whole new one."""
-  tmp = f"{path}.tmp"
+  tmp = f"{path}{TEMP_SUFFIX}"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+  """Writes rows atomically: the whole file or none of it."""
+  write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

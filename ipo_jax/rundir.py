@@ -64,6 +64,12 @@ def differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _contents(directory: str) -> list[str]:
+  """What a directory holds, less the temp files of atomic writes a kill interrupted: a run killed while writing
+  its first run.json leaves only `run.json.tmp`, and that directory holds no results yet."""
+  return [name for name in os.listdir(directory) if not name.endswith(data.TEMP_SUFFIX)]
+
+
 class RunDir:
   """An opened run directory (see the module docstring). Use `RunDir.open`."""
 
@@ -84,7 +90,7 @@ class RunDir:
     record = {"task": task, "identity": identity, "stages": {}}
     if os.path.exists(run_file) and not overwrite:
       record = cls._check(output_dir, run_file, task, identity)
-    elif os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+    elif os.path.isdir(output_dir) and _contents(output_dir) and not overwrite:
       raise IdentityMismatch(f"{output_dir} holds files but no {RUN_FILE}, so the settings that made them are "
                              "unknown; use another output_dir, or --config.overwrite=True to clear it")
     elif overwrite and os.path.isdir(output_dir) and runtime.is_main_process():

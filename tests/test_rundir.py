@@ -36,6 +36,12 @@ def test_overwrite_clears_the_directory_and_unknown_contents_are_refused(tmp_pat
   with pytest.raises(ValueError, match="output_dir is required"):
     RunDir.open("", "dpo", {})
   (tmp_path / "file").write_text("x")
+  killed = tmp_path / "killed_in_first_write"  # SIGKILL between run.json's temp file and its rename
+  killed.mkdir()
+  (killed / f"{RUN_FILE}.tmp").write_text('{"task": "dp')
+  RunDir.open(str(killed), "dpo", {"lr": 1})
+  assert sorted(p.name for p in killed.iterdir()) == [RUN_FILE]
+  assert json.loads((killed / RUN_FILE).read_text())["identity"] == {"lr": 1}
   with pytest.raises(ValueError, match="is a file, not a directory"):
     RunDir.open(str(tmp_path / "file"), "dpo", {})
   (tmp_path / RUN_FILE).write_text("{not json")

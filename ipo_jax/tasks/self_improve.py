@@ -177,15 +177,6 @@ def make_pairs(prompts: Sequence[dict[str, Any]], samples: dict[int, list[dict[s
 # Round stages.
 
 
-def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
-  """Writes rows whole or not at all (a temporary file renamed into place)."""
-  tmp = path + ".tmp"
-  if os.path.exists(tmp):
-    os.remove(tmp)
-  data_lib.append_jsonl(tmp, rows)
-  os.replace(tmp, path)
-
-
 def _round_stages(output_dir: str, index: int) -> dict[str, Any]:
   """The finished stages of round `index` (with their summaries), read without opening the round."""
   return _stages(os.path.join(output_dir, f"round_{index}"))
@@ -254,8 +245,8 @@ def stage_label(models: "improvement.Models", policy: Any, rnd: Round, prompts: 
     by_prompt.setdefault(r["index"], []).append(r)
   pairs, counts = make_pairs(prompts, by_prompt, float(config.label.min_margin))
   if runtime.is_main_process():
-    _write_jsonl(rnd.path(LABELS_FILE), labelled)
-    _write_jsonl(rnd.path(PAIRS_FILE), pairs)
+    data_lib.write_jsonl(rnd.path(LABELS_FILE), labelled)
+    data_lib.write_jsonl(rnd.path(PAIRS_FILE), pairs)
   runtime.log(f"round {rnd.index}: {counts['pairs']} pairs from {len(prompts)} prompts ({counts})")
   return {"policy": policy.name, "arm": config.label.arm, "prompts": len(prompts), **counts,
           "mean_margin": float(np.mean([p["chosen_score"] - p["rejected_score"] for p in pairs])) if pairs else 0.0,
@@ -342,7 +333,7 @@ def run_round(models: improvement.Models, rnd: Round, prompts: dict[str, Any], c
       new_policy = new_policy or policy_after(models, config, rnd.index)
       answers = improvement.greedy_answers(new_policy, prompts["heldout"], config)
       if runtime.is_main_process():
-        _write_jsonl(rnd.path("eval_answers.jsonl"), answers)
+        data_lib.write_jsonl(rnd.path("eval_answers.jsonl"), answers)
       summary = {"policy": new_policy.name,
                  **improvement.evaluate_answers(models, prompts["heldout"], answers, baseline),
                  **models.rewardbench_score(new_policy), "seconds": round(time.perf_counter() - stage_start, 2)}
@@ -359,7 +350,7 @@ def _initial(models: improvement.Models, run_dir: RunDir, prompts: dict[str, Any
   else:
     baseline = improvement.greedy_answers(models.initial, prompts["heldout"], config)
     if runtime.is_main_process():
-      _write_jsonl(run_dir.file("initial_answers.jsonl"), baseline)
+      data_lib.write_jsonl(run_dir.file("initial_answers.jsonl"), baseline)
     run_dir.finish_stage("initial_answers", answers=len(baseline))
   if run_dir.done("initial_eval"):
     initial_row = run_dir.read_json("initial_eval.json")
