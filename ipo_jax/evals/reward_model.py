@@ -71,9 +71,14 @@ class RewardSettings:
       if not ok:
         raise ValueError(message)
 
-  def tokens_per_batch(self) -> int:
-    """`batch_tokens`, or when 0: 4096 on CPU, 16384 on an accelerator."""
-    return self.batch_tokens or (4096 if jax.default_backend() == "cpu" else ACCELERATOR_BATCH_TOKENS)
+  def tokens_per_batch(self, platform: str | None = None) -> int:
+    """`batch_tokens`, or when 0: 4096 on CPU, 16384 on an accelerator. `platform` (cpu, gpu, tpu): the mesh's
+    (default: `sharding.platform()`, the mesh set or the default device)."""
+    return self.batch_tokens or (4096 if (platform or sharding.platform()) == "cpu" else ACCELERATOR_BATCH_TOKENS)
+
+  def on(self, platform: str) -> "RewardSettings":
+    """These settings with the defaults that depend on the hardware fixed for `platform`."""
+    return dataclasses.replace(self, batch_tokens=self.tokens_per_batch(platform))
 
   @classmethod
   def from_config(cls, section: Any) -> "RewardSettings":
@@ -155,7 +160,7 @@ class RewardScorer:
     if settings.max_length > cfg.max_position_embeddings:
       raise ValueError(f"reward_model.max_length={settings.max_length} exceeds the model's "
                        f"{cfg.max_position_embeddings} positions")
-    self.model, self.settings, self.cfg, self.tokenizer = model, settings, cfg, tok
+    self.model, self.settings, self.cfg, self.tokenizer = model, settings.on(sharding.platform(model.mesh)), cfg, tok
     self.pad_id = chat.pad_id(tok)
     self.multiple = sharding.batch_multiple(model.mesh)
     self.program = build(cfg, model.mesh, model.params)

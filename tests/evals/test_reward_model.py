@@ -89,6 +89,8 @@ def test_rewards_equal_the_authors_pipeline(classifier):
   assert [t for _, t in encoded] == [False, False, False, True] and len(encoded[3][0]) == 40
   assert encoded[3][0][:20] == scorer.tokenizer(texts[3])["input_ids"][:20]  # right truncation keeps the start
   assert len({length for _, length in scorer.shapes}) <= 2  # at most max_programs bucket lengths
+  assert scorer.settings.batch_tokens == 4096  # the default for the model's mesh (CPU), fixed when built
+  assert [settings.tokens_per_batch(p) for p in ("cpu", "gpu", "tpu")] == [4096, 16384, 16384]
   left = reward_model.RewardScorer(model, reward_model.RewardSettings(max_length=40, truncation="left"))
   assert left.encode(prompts[3:], responses[3:])[0][0] == scorer.tokenizer(texts[3])["input_ids"][-40:]
 
