@@ -22,12 +22,12 @@ import ml_collections
 from ipo_jax import sharding
 from ipo_jax.aot import hlo, jobs, targets
 from ipo_jax.evals import reward_model
+from ipo_jax.ipo import scorer
 
 # The program each task runs most (RM-Bench scores like RewardBench).
 PROGRAMS = {"rewardbench": "score", "rmbench": "score", "rewardbench_reward_model": "reward",
             "generate": "generate", "rewardbench_self_reward": "generate", "rewardbench_pairwise": "generate",
             "dpo": "dpo", "self_improve": "dpo", "sft": "sft"}
-ACCELERATOR_BATCH_TOKENS = 8192  # scoring's batch tokens on an accelerator when `scoring.batch_tokens` is 0
 _CHOSEN: dict[str, tuple[int, int, int]] = {}
 
 
@@ -60,8 +60,8 @@ def job_config(config: Any) -> ml_collections.ConfigDict:
     tokens = int(section.get("batch_tokens", 0) or default_tokens)
     return max(1, min(int(section.get("max_batch", 64)), tokens // int(section.get("max_length", 1024))))
 
-  c.aot = {"score_rows": rows(scoring, ACCELERATOR_BATCH_TOKENS), "score_program": "plain", "packed_sequences": 1,
-           "reward_rows": rows(reward, reward_model.ACCELERATOR_BATCH_TOKENS),
+  c.aot = {"score_rows": rows(scoring, scorer.Settings.ACCELERATOR_BATCH_TOKENS), "score_program": "plain",
+           "packed_sequences": 1, "reward_rows": rows(reward, reward_model.RewardSettings.ACCELERATOR_BATCH_TOKENS),
            "prompt_length": int(sampling.get("max_prompt_tokens", 512)) if sampling is not None else 512}
   return c
 

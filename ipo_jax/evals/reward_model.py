@@ -43,8 +43,11 @@ def num_compilations() -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardSettings:
+class RewardSettings(planner.BatchTokens):
   """`config.reward_model` (see configs/rewardbench_reward_model.py for each field)."""
+
+  CPU_BATCH_TOKENS = 4096
+  ACCELERATOR_BATCH_TOKENS = 16384
 
   format: str = "paper"
   max_length: int = 1024
@@ -71,15 +74,6 @@ class RewardSettings:
       if not ok:
         raise ValueError(message)
 
-  def tokens_per_batch(self, platform: str | None = None) -> int:
-    """`batch_tokens`, or when 0: 4096 on CPU, 16384 on an accelerator. `platform` (cpu, gpu, tpu): the mesh's
-    (default: `sharding.platform()`, the mesh set or the default device)."""
-    return self.batch_tokens or (4096 if (platform or sharding.platform()) == "cpu" else ACCELERATOR_BATCH_TOKENS)
-
-  def on(self, platform: str) -> "RewardSettings":
-    """These settings with the defaults that depend on the hardware fixed for `platform`."""
-    return dataclasses.replace(self, batch_tokens=self.tokens_per_batch(platform))
-
   @classmethod
   def from_config(cls, section: Any) -> "RewardSettings":
     return sections.from_section(cls, section)
@@ -99,9 +93,6 @@ def check_path(path: str) -> None:
     if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
       raise ValueError(f"{config_file}: architectures {architectures} name no *ForSequenceClassification model; "
                        "model.path must be a reward model (a classifier head), not a causal LM")
-
-
-ACCELERATOR_BATCH_TOKENS = 16384  # tokens per batch on an accelerator when `reward_model.batch_tokens` is 0
 
 
 def _rewards(cfg, params, ids, mask):

@@ -16,10 +16,11 @@ block-causal (`transformer.QUERY_BLOCK`), which the FLOP model counts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from ipo_jax import sharding
 from ipo_jax.model import transformer
 from ipo_jax.model.architecture import ModelConfig
 
@@ -79,7 +80,25 @@ def choose_buckets(lengths: Sequence[int], count: int, multiple: int, row_cost: 
   return tuple(sorted(chosen))
 
 
-def batch_rows(bucket: int, settings: Any, multiple: int) -> int:
+class BatchTokens:
+  """What settings with a `batch_tokens` field (0: the hardware's default) share: the default per platform, set
+  by each class as CPU_BATCH_TOKENS and ACCELERATOR_BATCH_TOKENS, and settings with it fixed for a mesh."""
+
+  CPU_BATCH_TOKENS: ClassVar[int]
+  ACCELERATOR_BATCH_TOKENS: ClassVar[int]
+
+  def tokens_per_batch(self, platform: str | None = None) -> int:
+    """`batch_tokens`, or when 0 the default of `platform` (cpu, gpu, tpu): the mesh's (default:
+    `sharding.platform()`, the mesh set or the default device)."""
+    cpu = (platform or sharding.platform()) == "cpu"
+    return self.batch_tokens or (self.CPU_BATCH_TOKENS if cpu else self.ACCELERATOR_BATCH_TOKENS)
+
+  def on(self, platform: str) -> Any:
+    """These settings with the defaults that depend on the hardware fixed for `platform`."""
+    return dataclasses.replace(self, batch_tokens=self.tokens_per_batch(platform))
+
+
+def batch_rows(bucket: int, settings: BatchTokens, multiple: int) -> int:
   """Rows per batch of a bucket: about `batch_tokens` tokens, at most `max_batch`, a multiple of the mesh split."""
   rows = min(settings.max_batch, max(1, settings.tokens_per_batch() // bucket))
   return max(multiple, rows // multiple * multiple)

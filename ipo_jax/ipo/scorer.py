@@ -29,8 +29,11 @@ PACKING = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(planner.BatchTokens):
   """`config.scoring` (see configs/rewardbench.py for what each field means)."""
+
+  CPU_BATCH_TOKENS = 2048  # a batch's activations stay in cache
+  ACCELERATOR_BATCH_TOKENS = 8192
 
   layout: str = "paper"
   template: str = ""
@@ -68,15 +71,6 @@ class Settings:
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
-
-  def tokens_per_batch(self, platform: str | None = None) -> int:
-    """`batch_tokens`, or when 0: 2048 on CPU (a batch's activations stay in cache), 8192 on an accelerator.
-    `platform` (cpu, gpu, tpu): the mesh's (default: `sharding.platform()`, the mesh set or the default device)."""
-    return self.batch_tokens or (2048 if (platform or sharding.platform()) == "cpu" else 8192)
-
-  def on(self, platform: str) -> "Settings":
-    """These settings with the defaults that depend on the hardware fixed for `platform`."""
-    return dataclasses.replace(self, batch_tokens=self.tokens_per_batch(platform))
 
   @classmethod
   def from_config(cls, scoring: Any) -> "Settings":

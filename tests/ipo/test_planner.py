@@ -76,3 +76,11 @@ def test_planner_packs_when_padding_costs_more():
   assert not unpacked.packed and packed.cost < unpacked.cost
   uniform = planner.plan(cfg, np.full((64, 2), 200), None, scorer_lib.Settings(max_programs=2, batch_tokens=1024))
   assert not uniform.packed  # nothing to gain: one bucket holds every row without padding
+
+
+def test_batch_tokens_default_per_platform_and_fixed_for_a_mesh():
+  settings = scorer_lib.Settings()
+  assert [settings.tokens_per_batch(p) for p in ("cpu", "gpu", "tpu")] == [2048, 8192, 8192]
+  assert settings.on("cpu").batch_tokens == 2048 and settings.on("tpu").batch_tokens == 8192
+  assert scorer_lib.Settings(batch_tokens=96).on("tpu").tokens_per_batch("cpu") == 96  # set explicitly: kept
+  assert planner.batch_rows(256, settings.on("tpu"), 4) == 32  # 8192 tokens / 256, within max_batch 64
