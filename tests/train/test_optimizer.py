@@ -38,3 +38,4 @@ def test_all_finite_flags_any_nan_or_infinity_in_any_leaf():
     assert float(jax.jit(steps.all_finite)(broken)) == 0.0
   assert float(steps.all_finite({"w": jnp.full((3,), 3e38, jnp.float32)})) == 1.0  # large but finite
   assert float(steps.all_finite({"w": jnp.ones((4,), jnp.bfloat16).at[0].set(jnp.nan)})) == 0.0
+  assert float(steps.all_finite({"empty": jnp.zeros((0, 4)), "w": jnp.ones((3,))})) == 1.0  # as isfinite's all()
